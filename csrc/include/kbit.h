@@ -1,0 +1,90 @@
+/*
+ * kbit C ABI.
+ *
+ * Every native library of kbit (libkbit_cpu.so and each libkbit_cudaXY.so) exports exactly the
+ * functions declared here and nothing else. The CPU library works on host pointers; a CUDA library
+ * works on device pointers and launches on the stream the caller passes (a cudaStream_t as void*;
+ * NULL is the legacy default stream). The CPU library accepts and ignores the stream argument.
+ *
+ * Every function that can fail returns an int status: 0 (KBIT_OK) on success, otherwise a code that
+ * kbit_status_string() turns into a message. CUDA runtime errors are returned as
+ * KBIT_STATUS_CUDA_BASE + cudaError_t, so the message names the CUDA error.
+ *
+ * Bump KBIT_ABI_VERSION on any incompatible change: the Python runtime refuses a library whose
+ * kbit_abi_version() differs from the one it was written for.
+ */
+#ifndef KBIT_H_
+#define KBIT_H_
+
+#include <stddef.h>
+#include <stdint.h>
+
+#if defined(_WIN32)
+#define KBIT_API __declspec(dllexport)
+#else
+#define KBIT_API __attribute__((visibility("default")))
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define KBIT_ABI_VERSION 1
+
+/* Status codes. */
+#define KBIT_OK 0
+#define KBIT_ERR_INVALID_ARGUMENT 1     /* a NULL pointer, a negative size, ... */
+#define KBIT_ERR_UNSUPPORTED_DTYPE 2    /* dtype is not one of kbit_dtype */
+#define KBIT_ERR_UNSUPPORTED_BLOCKSIZE 3 /* blocksize is not a power of two in the family's range */
+#define KBIT_ERR_TOO_LARGE 4            /* an element count the kernel cannot index */
+#define KBIT_ERR_INTERNAL 5             /* a bug in kbit: please report it */
+#define KBIT_STATUS_CUDA_BASE 1000      /* KBIT_STATUS_CUDA_BASE + cudaError_t */
+
+/* Element types of floating point inputs and outputs. */
+#define KBIT_DTYPE_F32 0
+#define KBIT_DTYPE_F16 1
+#define KBIT_DTYPE_BF16 2
+
+/* Blocksizes of the 8-bit blockwise family: powers of two in [MIN, MAX]. */
+#define KBIT_BLOCKWISE8_MIN_BLOCKSIZE 64
+#define KBIT_BLOCKWISE8_MAX_BLOCKSIZE 4096
+/* Entries of an 8-bit codebook. */
+#define KBIT_CODEBOOK8_SIZE 256
+
+/* KBIT_ABI_VERSION of the library. */
+KBIT_API int kbit_abi_version(void);
+
+/*
+ * A static, NUL-terminated JSON object describing the build, e.g.
+ * {"backend":"cuda","abi":1,"cuda":"12.4","archs":["70","75"],"ptx":["90"],
+ *  "compiler":"nvcc 12.4.131","host_compiler":"gcc 12.2.0","revision":"abc123"}
+ * The CPU library has "backend":"cpu", "cuda":null, empty "archs" and "ptx".
+ */
+KBIT_API const char* kbit_build_info(void);
+
+/* A static message for a status returned by any kbit function. Never NULL. */
+KBIT_API const char* kbit_status_string(int status);
+
+/*
+ * 8-bit blockwise dynamic quantization (bitsandbytes' blockwise layout).
+ *
+ * A holds n values of dtype. For block b (values [b*blocksize, min((b+1)*blocksize, n))):
+ *   absmax[b] = max |A[i]|, and out[i] = the index of the entry of `code` nearest to A[i] / absmax[b].
+ * `code` holds KBIT_CODEBOOK8_SIZE float32 values sorted ascending. A block whose absmax is 0
+ * quantizes every value to the entry nearest to 0. NaN inputs give unspecified codes for their
+ * block; the call still succeeds.
+ * absmax must have room for ceil(n / blocksize) floats, out for n bytes.
+ */
+KBIT_API int kbit_quantize_blockwise_8bit(int dtype, const void* A, const float* code, uint8_t* out,
+                                          float* absmax, int64_t n, int32_t blocksize, void* stream);
+
+/* out[i] = code[codes[i]] * absmax[i / blocksize], written as dtype. */
+KBIT_API int kbit_dequantize_blockwise_8bit(int dtype, const uint8_t* codes, const float* code,
+                                            const float* absmax, void* out, int64_t n,
+                                            int32_t blocksize, void* stream);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* KBIT_H_ */
