@@ -1,0 +1,16 @@
+"""Build tooling for kbit: the matrix, toolkit providers, containers, library builds, the wheel.
+
+Imported by noxfile.py and the tests; not part of the installed package.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+# The runtime's stdlib-only helpers (CUDA versions, library names, ELF reading) are shared with the
+# build, so the build can use them without kbit being installed.
+if str(REPO / "python") not in sys.path:
+    sys.path.insert(0, str(REPO / "python"))
