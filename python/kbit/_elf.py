@@ -1,0 +1,159 @@
+"""Reading what a shared library carries, with the standard library only.
+
+Used by the build (to write the manifest from the built files, not from the matrix), by the tests
+and by `python -m kbit verify`. Only little-endian ELF64 is supported: that is every platform kbit
+builds for.
+
+CUDA code lives in the `.nv_fatbin` section as a sequence of fat binary containers. Each container
+(magic 0xBA55ED50) holds entries that are either a cubin (machine code for one sm_XY) or PTX (for
+one compute_XY, JIT-compiled by the driver on newer GPUs). The entry header gives the kind and the
+architecture number.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["ElfError", "ElfInfo", "FatbinArchs", "fatbin_archs", "read_elf"]
+
+_FATBIN_MAGIC = 0xBA55ED50
+_FATBIN_KIND_PTX = 1
+_FATBIN_KIND_CUBIN = 2
+_SHT_DYNSYM = 11
+_SHT_DYNAMIC = 6
+_DT_NEEDED = 1
+_DT_SONAME = 14
+_STB_GLOBAL = 1
+_STB_WEAK = 2
+_STT_FUNC = 2
+_STV_DEFAULT = 0
+_SHN_UNDEF = 0
+
+
+class ElfError(ValueError):
+    """The file is not an ELF64 little-endian shared object this reader understands."""
+
+
+@dataclass(frozen=True)
+class FatbinArchs:
+    cubin: tuple[str, ...]  # "70", "90", ... ascending, unique
+    ptx: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ElfInfo:
+    soname: str | None
+    needed: tuple[str, ...]
+    exported_functions: tuple[str, ...]  # defined, global/weak, default visibility, sorted
+    sections: tuple[str, ...]
+    fatbin: FatbinArchs
+
+
+def _arch_sort_key(arch: str) -> tuple[int, str]:
+    digits = "".join(ch for ch in arch if ch.isdigit())
+    return int(digits or 0), arch
+
+
+def _cstr(blob: bytes, offset: int) -> str:
+    end = blob.index(b"\0", offset)
+    return blob[offset:end].decode("utf-8", "replace")
+
+
+def fatbin_archs(section: bytes) -> FatbinArchs:
+    """The cubin and PTX architectures of every fat binary container in a `.nv_fatbin` section."""
+    cubin: set[str] = set()
+    ptx: set[str] = set()
+    off = 0
+    while off + 16 <= len(section):
+        magic, _version, header_size, fat_size = struct.unpack_from("<IHHQ", section, off)
+        if magic != _FATBIN_MAGIC:
+            # Containers are 8-byte aligned; skip padding between them.
+            off += 8
+            continue
+        entry = off + header_size
+        end = min(entry + fat_size, len(section))
+        while entry + 32 <= end:
+            kind, _u1, entry_header, payload = struct.unpack_from("<HHIQ", section, entry)
+            (arch,) = struct.unpack_from("<I", section, entry + 28)
+            if entry_header == 0:
+                raise ElfError(f"corrupt fat binary entry at offset {entry:#x}")
+            if kind == _FATBIN_KIND_CUBIN:
+                cubin.add(str(arch))
+            elif kind == _FATBIN_KIND_PTX:
+                ptx.add(str(arch))
+            entry += entry_header + payload
+        off = end
+    return FatbinArchs(
+        cubin=tuple(sorted(cubin, key=_arch_sort_key)), ptx=tuple(sorted(ptx, key=_arch_sort_key))
+    )
+
+
+def read_elf(path: str | Path) -> ElfInfo:
+    data = Path(path).read_bytes()
+    if data[:4] != b"\x7fELF":
+        raise ElfError(f"{path}: not an ELF file")
+    if data[4] != 2 or data[5] != 1:
+        raise ElfError(f"{path}: only little-endian ELF64 is supported")
+    (e_shoff,) = struct.unpack_from("<Q", data, 0x28)
+    e_shentsize, e_shnum, e_shstrndx = struct.unpack_from("<HHH", data, 0x3A)
+    if e_shoff == 0 or e_shentsize != 64:
+        raise ElfError(f"{path}: no section headers")
+
+    sections = []
+    for i in range(e_shnum):
+        name, stype, _flags, _addr, offset, size, link, _info, _align, entsize = struct.unpack_from(
+            "<IIQQQQIIQQ", data, e_shoff + i * e_shentsize
+        )
+        sections.append((name, stype, offset, size, link, entsize))
+    shstr = sections[e_shstrndx]
+    names = [_cstr(data, shstr[2] + s[0]) for s in sections]
+
+    def body(i: int) -> bytes:
+        _n, stype, offset, size, _l, _e = sections[i]
+        return b"" if stype == 8 else data[offset : offset + size]  # SHT_NOBITS has no bytes
+
+    needed: list[str] = []
+    soname = None
+    exported: set[str] = set()
+    fat_cubin: set[str] = set()
+    fat_ptx: set[str] = set()
+    for i, (_n, stype, _off, _size, link, entsize) in enumerate(sections):
+        if stype == _SHT_DYNAMIC:
+            strtab = body(link)
+            blob = body(i)
+            for j in range(0, len(blob) - 15, 16):
+                tag, val = struct.unpack_from("<qQ", blob, j)
+                if tag == _DT_NEEDED:
+                    needed.append(_cstr(strtab, val))
+                elif tag == _DT_SONAME:
+                    soname = _cstr(strtab, val)
+        elif stype == _SHT_DYNSYM:
+            strtab = body(link)
+            blob = body(i)
+            step = entsize or 24
+            for j in range(0, len(blob) - step + 1, step):
+                st_name, st_info, st_other, st_shndx = struct.unpack_from("<IBBH", blob, j)
+                bind, typ, vis = st_info >> 4, st_info & 0xF, st_other & 0x3
+                if (
+                    st_shndx != _SHN_UNDEF
+                    and bind in (_STB_GLOBAL, _STB_WEAK)
+                    and typ == _STT_FUNC
+                    and vis == _STV_DEFAULT
+                ):
+                    exported.add(_cstr(strtab, st_name))
+        elif names[i] == ".nv_fatbin":
+            archs = fatbin_archs(body(i))
+            fat_cubin.update(archs.cubin)
+            fat_ptx.update(archs.ptx)
+    return ElfInfo(
+        soname=soname,
+        needed=tuple(needed),
+        exported_functions=tuple(sorted(exported)),
+        sections=tuple(names),
+        fatbin=FatbinArchs(
+            cubin=tuple(sorted(fat_cubin, key=_arch_sort_key)),
+            ptx=tuple(sorted(fat_ptx, key=_arch_sort_key)),
+        ),
+    )
