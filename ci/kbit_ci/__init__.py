@@ -11,6 +11,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 # The runtime's stdlib-only helpers (CUDA versions, library names, ELF reading) are shared with the
-# build, so the build can use them without kbit being installed.
+# build, so the build can use them without kbit being installed. Appended, not prepended: where kbit
+# is installed (the test session), the installed package is the one imported.
 if str(REPO / "python") not in sys.path:
-    sys.path.insert(0, str(REPO / "python"))
+    sys.path.append(str(REPO / "python"))

@@ -1,0 +1,178 @@
+"""kbit's sessions.
+
+    nox -s build                      every CUDA row this machine can build, then the fat wheel in dist/
+    nox -s build -- --cuda 12.4       one row (repeatable); --host to use host toolkits, not containers
+    nox -s tests                      the test suite against the wheel in dist/
+    nox -s lint                       ruff
+
+Build outputs pass to the test session through dist/, not through `requires=`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import nox
+
+REPO = Path(__file__).resolve().parent
+sys.path.insert(0, str(REPO / "ci"))
+
+nox.options.sessions = ["lint", "tests"]
+nox.options.reuse_existing_virtualenvs = True
+nox.options.error_on_missing_interpreters = True
+
+PYTHON = "3.11"
+DIST = REPO / "dist"
+STAGE = REPO / "build" / "stage"
+TORCH = "torch==2.13.0"  # the CPU build; an unpinned torch pulls a multi-GB CUDA build
+TEST_DEPS = [TORCH, "bitsandbytes==0.50.2", "numpy", "pytest>=8", "hypothesis>=6"]
+
+
+def _build_args(posargs: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="nox -s build --", description="Build kbit's CUDA libraries and the fat wheel.")
+    p.add_argument("--cuda", action="append", default=[], metavar="X.Y",
+                   help="build only this CUDA row (repeatable); default: every row this machine can build")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--host", dest="mode", action="store_const", const="host",
+                      help="use toolkits on the host (system CUDA, PyPI wheels, Debian packages)")
+    mode.add_argument("--container", dest="mode", action="store_const", const="container",
+                      help="use the per-CUDA build containers (the default where podman or docker runs)")
+    p.add_argument("--no-cuda", action="store_true", help="build only the CPU library into the wheel")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 2)
+    p.set_defaults(mode="auto")
+    return p.parse_args(posargs)
+
+
+def _revision() -> str:
+    from kbit_ci.proc import run
+
+    try:
+        rev = run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture=True, quiet=True).stdout.strip()
+        dirty = run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture=True, quiet=True)
+        return rev + ("-dirty" if dirty.stdout.strip() else "")
+    except Exception:  # not a git checkout (an sdist): the revision is simply unknown
+        return "unknown"
+
+
+def _stage_cuda_libraries(session: nox.Session, args: argparse.Namespace, revision: str) -> list[dict]:
+    """Build each selected row's library and stage it, with its build record, in build/stage/."""
+    from kbit_ci.build_row import available_rows, build_row
+    from kbit_ci.matrix import load_matrix, select_rows
+    from kbit_ci.proc import log
+
+    STAGE.mkdir(parents=True, exist_ok=True)
+    for old in [*STAGE.glob("libkbit_cuda*.so"), *STAGE.glob("libkbit_cuda*.json")]:
+        old.unlink()
+    if args.no_cuda:
+        return []
+    rows = load_matrix()
+    availability = available_rows(select_rows(rows, args.cuda), args.mode)
+    chosen = []
+    for row, why_not in availability:
+        if why_not is None:
+            chosen.append(row)
+        elif args.cuda:
+            session.error(f"CUDA {row.cuda} cannot be built here: {why_not}")
+        else:
+            log(f"skipping CUDA {row.cuda}: {why_not}")
+    if not chosen:
+        session.error("no CUDA row can be built on this machine (see the reasons above); use --no-cuda for a CPU-only wheel")
+    log("building CUDA rows: " + ", ".join(str(r.cuda) for r in chosen))
+    records = []
+    for i, row in enumerate(chosen, 1):
+        log(f"[{i}/{len(chosen)}] CUDA {row.cuda}: archs {' '.join(row.archs)} + PTX {row.ptx}")
+        built = build_row(row, mode=args.mode, repo=REPO, jobs=args.jobs, revision=revision)
+        shutil.copy2(built.path, STAGE / row.library)
+        record = {
+            "cuda": str(row.cuda),
+            "toolkit": {"source": built.toolkit_source, "version": built.toolkit_version, "image": built.image},
+            "compiler": built.compiler,
+            "host_compiler": built.host_compiler,
+            "seconds": round(built.seconds, 1),
+        }
+        (STAGE / (Path(row.library).stem + ".json")).write_text(json.dumps(record, indent=2) + "\n")
+        records.append(record)
+    return records
+
+
+def _wheel(session: nox.Session, revision: str) -> Path:
+    """The fat wheel: the CPU library built here, the staged CUDA libraries, the manifest; repaired."""
+    raw = REPO / "build" / "raw-wheel"
+    shutil.rmtree(raw, ignore_errors=True)
+    session.run(
+        "python", "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(raw), str(REPO),
+        f"-Ccmake.define.KBIT_STAGED_DIR={STAGE}",
+        f"-Ccmake.define.KBIT_SOURCE_REVISION={revision}",
+    )
+    (built,) = raw.glob("kbit-*.whl")
+    DIST.mkdir(exist_ok=True)
+    for old in DIST.glob("kbit-*.whl"):
+        old.unlink()
+    # libcuda.so.1 is the driver's: it must come from the user's machine, never from the wheel.
+    session.run("auditwheel", "repair", "--exclude", "libcuda.so.1", "-w", str(DIST), str(built))
+    (wheel,) = DIST.glob("kbit-*.whl")
+    session.run("auditwheel", "show", str(wheel))
+    return wheel
+
+
+def _report(records: list[dict], wheel: Path, seconds: float) -> None:
+    import zipfile
+
+    from kbit_ci.proc import log
+
+    with zipfile.ZipFile(wheel) as z:
+        manifest = json.loads(z.read("kbit/manifest.json"))
+    by_cuda = {r["cuda"]: r for r in records}
+    lines = [f"{'library':<22} {'cubin archs':<34} {'ptx':<5} {'size':>9}  {'build':>7}  toolkit"]
+    for e in manifest["libraries"]:
+        rec = by_cuda.get(e["cuda"] or "", {})
+        tk = e.get("toolkit") or {}
+        lines.append(
+            f"{e['file']:<22} {','.join(e['archs']) or '-':<34} {','.join(e['ptx']) or '-':<5} "
+            f"{e['size'] / 1e6:>7.2f}MB  {rec.get('seconds', 0):>6.1f}s  "
+            f"{tk.get('source', '-')} {tk.get('version', '')}"
+        )
+    lines.append(f"wheel: {wheel.relative_to(REPO)} ({wheel.stat().st_size / 1e6:.2f} MB), total {seconds:.0f} s")
+    for line in lines:
+        log(line)
+
+
+@nox.session(python=PYTHON)
+def build(session: nox.Session) -> None:
+    """Build every reachable CUDA row (or `-- --cuda X.Y`) and the fat wheel into dist/."""
+    t0 = time.monotonic()
+    args = _build_args(session.posargs)
+    session.install("scikit-build-core>=0.10", "auditwheel>=6")
+    revision = _revision()
+    records = _stage_cuda_libraries(session, args, revision)
+    wheel = _wheel(session, revision)
+    _report(records, wheel, time.monotonic() - t0)
+
+
+def _dist_wheel(session: nox.Session) -> Path:
+    wheels = sorted(DIST.glob("kbit-*-py3-none-*.whl"))
+    if len(wheels) != 1:
+        session.error(f"expected one wheel in {DIST}, found {len(wheels)}: run `nox -s build` first")
+    return wheels[0]
+
+
+@nox.session(python=PYTHON)
+def tests(session: nox.Session) -> None:
+    """Run the test suite against the wheel in dist/ (built by `nox -s build`)."""
+    wheel = _dist_wheel(session)
+    session.install(*TEST_DEPS)
+    session.install("--no-deps", "--force-reinstall", str(wheel))
+    session.run("pytest", *session.posargs, env={"KBIT_WHEEL": str(wheel)})
+
+
+@nox.session(python=PYTHON)
+def lint(session: nox.Session) -> None:
+    """ruff over the Python code."""
+    session.install("ruff")
+    session.run("ruff", "check", "python", "ci", "tests", "benchmarks", "noxfile.py")
