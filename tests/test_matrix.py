@@ -1,0 +1,119 @@
+"""Invariants of ci/matrix.toml: the one place the CUDA build matrix lives."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "ci"))
+
+from kbit_ci.matrix import MatrixError, load_matrix, select_rows  # noqa: E402
+
+from kbit._versions import CudaVersion, cuda_library_name, parse_library_name  # noqa: E402
+
+ROWS = load_matrix()
+BY_VERSION = {str(r.cuda): r for r in ROWS}
+BASE = ["70", "75", "80", "86", "89", "90"]
+
+
+def test_rows_cover_the_supported_versions():
+    versions = [str(r.cuda) for r in ROWS]
+    assert versions[0] == "11.8"
+    # 12.0 to 12.9 (12.7 was never released), then 13.0 onward.
+    assert [v for v in versions if v.startswith("12.")] == [f"12.{m}" for m in range(10) if m != 7]
+    assert "13.0" in versions
+
+
+@pytest.mark.parametrize("row", ROWS, ids=lambda r: r.id)
+def test_archs_follow_the_toolkit(row):
+    if row.cuda <= CudaVersion(12, 6):
+        assert list(row.archs) == BASE
+    elif row.cuda.major == 12:
+        assert list(row.archs) == [*BASE, "100", "120"]
+    else:  # CUDA 13 dropped sm_70/72
+        assert list(row.archs) == ["75", "80", "86", "89", "90", "100", "120"]
+    assert row.ptx == row.archs[-1], "PTX for the top arch lets newer GPUs JIT the kernels"
+
+
+@pytest.mark.parametrize("row", ROWS, ids=lambda r: r.id)
+def test_every_row_names_a_real_toolkit_source(row):
+    assert (REPO / row.dockerfile).is_file()
+    assert row.debian or row.pypi or row.nvidia_image
+    if row.debian:
+        assert "nvidia-cuda-toolkit" in row.debian.packages
+        assert row.debian.toolkit_version.startswith(f"{row.cuda}.")
+        assert row.debian.gxx.startswith("g++")
+    if row.pypi:
+        assert set(row.pypi.packages) >= {
+            "nvidia-cuda-nvcc", "nvidia-nvvm", "nvidia-cuda-crt", "nvidia-cuda-runtime", "nvidia-cuda-cccl"
+        }
+        assert all(v.startswith(f"{row.cuda}.") for v in row.pypi.packages.values())
+    if row.nvidia_image:
+        assert row.nvidia_image.startswith(f"nvidia/cuda:{row.cuda}.") and "-devel-" in row.nvidia_image
+
+
+def test_host_compiler_bounds():
+    assert BY_VERSION["11.8"].gcc[1] == 11, "nvcc 11.8 refuses g++ 12"
+    for row in ROWS:
+        lo, hi = row.gcc
+        assert 9 <= lo <= hi <= 15
+
+
+def test_the_reachable_rows_are_in_the_matrix():
+    # The rows the Debian archive and NVIDIA's PyPI wheels serve (the ones built on machines without
+    # registry access to NVIDIA's images).
+    assert BY_VERSION["11.8"].debian.suite == "bookworm"
+    assert BY_VERSION["12.4"].debian.suite == "trixie"
+    assert BY_VERSION["12.5"].debian.extra_suite == "experimental"
+    assert BY_VERSION["13.0"].pypi is not None
+
+
+def test_library_names_round_trip():
+    names = [r.library for r in ROWS]
+    assert len(set(names)) == len(names)
+    for row in ROWS:
+        assert parse_library_name(row.library) == row.cuda
+    assert cuda_library_name(CudaVersion(11, 8)) == "libkbit_cuda118.so"
+    assert parse_library_name("libkbit_cpu.so") is None
+
+
+@pytest.mark.parametrize("text", ["12.4", "124", "cu124", "12.4.1", " 12.4 "])
+def test_cuda_version_parse(text):
+    assert CudaVersion.parse(text) == CudaVersion(12, 4)
+
+
+@pytest.mark.parametrize("text", ["", "12", "1.2.x", "twelve", "1244"])
+def test_cuda_version_parse_rejects(text):
+    with pytest.raises(ValueError, match="not a CUDA version"):
+        CudaVersion.parse(text)
+
+
+def test_cuda_version_from_driver_int():
+    assert CudaVersion.from_int(12040) == CudaVersion(12, 4)
+    assert CudaVersion.from_int(13000) == CudaVersion(13, 0)
+
+
+def test_select_rows():
+    assert select_rows(ROWS, []) == ROWS
+    assert [r.id for r in select_rows(ROWS, ["12.4", "118"])] == ["cu124", "cu118"]
+    with pytest.raises(MatrixError, match=r"CUDA 12\.7 is not in ci/matrix.toml"):
+        select_rows(ROWS, ["12.7"])
+
+
+def test_cmake_archs_and_gencode_agree():
+    row = BY_VERSION["12.4"]
+    assert row.cmake_archs == "70-real;75-real;80-real;86-real;89-real;90-real;90-virtual"
+    assert row.gencode_flags[-1] == "-gencode=arch=compute_90,code=compute_90"
+
+
+def test_bad_matrix_is_refused(tmp_path):
+    bad = tmp_path / "matrix.toml"
+    bad.write_text(
+        'schema = 1\n[[row]]\ncuda = "12.4"\narchs = ["90", "70"]\nptx = "90"\ngcc = [9, 13]\n'
+        'dockerfile = "docker/debian.Dockerfile"\nnvidia_image = "x"\n'
+    )
+    with pytest.raises(MatrixError, match="ascending"):
+        load_matrix(bad)
