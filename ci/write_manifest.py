@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kbit_ci.manifest import write_manifest  # noqa: E402
+from kbit_ci.manifest import write_manifest
 
 
 def main(argv: list[str]) -> int:

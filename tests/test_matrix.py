@@ -10,9 +10,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "ci"))
 
-from kbit_ci.matrix import MatrixError, load_matrix, select_rows  # noqa: E402
-
 from kbit._versions import CudaVersion, cuda_library_name, parse_library_name  # noqa: E402
+from kbit_ci.matrix import MatrixError, load_matrix, select_rows  # noqa: E402
 
 ROWS = load_matrix()
 BY_VERSION = {str(r.cuda): r for r in ROWS}

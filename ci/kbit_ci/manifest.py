@@ -14,9 +14,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from . import REPO  # noqa: F401  (puts python/ on sys.path)
 from kbit._elf import read_elf
 from kbit._versions import parse_library_name
+
+from . import REPO  # noqa: F401  (puts python/ on sys.path)
 
 __all__ = ["MANIFEST_SCHEMA", "build_info", "library_entry", "write_manifest"]
 

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Mapping
+
+import tomllib
+from kbit._versions import CudaVersion, cuda_library_name
 
 from . import REPO
-from kbit._versions import CudaVersion, cuda_library_name
 
 __all__ = ["MATRIX_FILE", "DebianSource", "PypiSource", "Row", "load_matrix", "select_rows"]
 

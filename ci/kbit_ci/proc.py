@@ -7,8 +7,8 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 from .errors import CommandError
 
@@ -72,7 +72,7 @@ class step:
         self.name = name
         self.seconds = 0.0
 
-    def __enter__(self) -> "step":
+    def __enter__(self) -> step:
         self._t0 = time.monotonic()
         log(f"==> {self.name}")
         return self
