@@ -1,0 +1,309 @@
+"""Which bundled CUDA library to use: a pure function of the probes, the manifest and the environment.
+
+`select()` does no I/O; the loader passes it what the probes found and `os.environ`. Rules, in order
+of precedence:
+
+  1. `KBIT_LIBRARY=/path/to/lib.so`: that file, no checks (warned).
+  2. `KBIT_BACKEND=cpu`: the CPU library only. (`cuda` forbids falling back to the CPU; `auto`, the
+     default, lets the rules below decide.)
+  3. `KBIT_CUDA_VERSION=12.4` (or `124`): that bundled library; one not bundled is an error.
+  4. Automatic. The target is torch's CUDA version, or the driver's when torch has no CUDA. A library
+     is usable when its CUDA version has the target's major, is at most the driver's CUDA version,
+     and its cubins or PTX cover every visible device. The exact match of the target is preferred,
+     then the highest usable version; the other usable ones are fallbacks the loader tries in order
+     if the first will not load. With none usable, CUDA tensors have no library, and the reason
+     says why and how to fix it.
+
+Bad override values raise `KbitConfigError`; the loader calls `select()` at first native use only.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Optional
+
+from ._errors import KbitConfigError, KbitManifestError
+from ._probes import Device, LibraryEntry, Manifest, Probes
+from ._versions import CudaVersion, cpu_library_name
+
+__all__ = ["BACKENDS", "MIN_DRIVER", "Candidate", "Decision", "covers", "select"]
+
+BACKENDS = ("auto", "cpu", "cuda")
+
+# The oldest Linux driver branch shipped with each CUDA toolkit: what "update the driver" must reach.
+MIN_DRIVER: Mapping[CudaVersion, int] = {
+    CudaVersion(11, 8): 520,
+    CudaVersion(12, 0): 525,
+    CudaVersion(12, 1): 530,
+    CudaVersion(12, 2): 535,
+    CudaVersion(12, 3): 545,
+    CudaVersion(12, 4): 550,
+    CudaVersion(12, 5): 555,
+    CudaVersion(12, 6): 560,
+    CudaVersion(12, 8): 570,
+    CudaVersion(12, 9): 575,
+    CudaVersion(13, 0): 580,
+    CudaVersion(13, 1): 590,
+}
+
+_ARCH_RE = re.compile(r"^(?:sm_|compute_)?(\d+)(\d)([af]?)$")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    file: str
+    verdict: str
+    """"taken" or "rejected"."""
+    why: str
+
+
+@dataclass(frozen=True)
+class Decision:
+    backend: str
+    """"cuda" when CUDA tensors get a CUDA library, else "cpu" (CUDA tensors are refused)."""
+    file: str
+    """The chosen library: a file in the package directory, or KBIT_LIBRARY's path."""
+    exact: bool
+    """The library's CUDA version is the target's (torch's, else the driver's)."""
+    reason: str
+    """One line: what was chosen and why, or why nothing could be, with the fix."""
+    candidates: tuple[Candidate, ...] = ()
+    fallbacks: tuple[str, ...] = ()
+    """Usable libraries to try, in order, if `file` does not load."""
+    override: Optional[str] = None
+    """The environment variable that made this decision, if any."""
+    gpu: bool = False
+    """A CUDA device is visible."""
+
+    @property
+    def cuda(self) -> bool:
+        return self.backend == "cuda"
+
+    @property
+    def warn(self) -> bool:
+        """Worth one warning: the pick is not what a user with this GPU would expect."""
+        if self.override == "KBIT_LIBRARY":
+            return True
+        if self.override == "KBIT_BACKEND":
+            return False  # asked for explicitly
+        return (self.backend == "cpu" and self.gpu) or (self.backend == "cuda" and not self.exact)
+
+
+def _parse_arch(arch: str) -> Optional[tuple[int, int, str]]:
+    m = _ARCH_RE.match(arch.strip())
+    return (int(m.group(1)), int(m.group(2)), m.group(3)) if m else None
+
+
+def covers(entry: LibraryEntry, capability: tuple[int, int]) -> bool:
+    """Can the library run on a device of this compute capability?
+
+    A cubin sm_XY runs on sm_XZ, Z >= Y (same major); an arch-specific cubin sm_XYa only on sm_XY.
+    PTX compute_XY is JIT-compiled by the driver for any device >= XY (compute_XYa only for XY).
+    """
+    major, minor = capability
+    for arch in entry.archs:
+        p = _parse_arch(arch)
+        if p and p[0] == major and (p[1] == minor if p[2] == "a" else p[1] <= minor):
+            return True
+    for arch in entry.ptx:
+        p = _parse_arch(arch)
+        if p and ((p[0], p[1]) == capability if p[2] == "a" else (p[0], p[1]) <= capability):
+            return True
+    return False
+
+
+def _devices(probes: Probes) -> tuple[Device, ...]:
+    if probes.driver.devices:
+        return probes.driver.devices
+    # Without the driver's list, torch's capabilities (known only once it initialised CUDA).
+    return tuple(Device(i, "", cap) for i, cap in enumerate(probes.torch.capabilities))
+
+
+def _list(versions: list[CudaVersion]) -> str:
+    return ", ".join(str(v) for v in versions) or "none"
+
+
+def _driver_hint(version: CudaVersion) -> str:
+    branch = MIN_DRIVER.get(version)
+    return f"NVIDIA driver ≥ {branch}" if branch else f"a driver for CUDA ≥ {version}"
+
+
+def _check(entry: LibraryEntry, target: CudaVersion, target_name: str, driver: Optional[CudaVersion],
+           devices: tuple[Device, ...]) -> Optional[str]:
+    """Why the library cannot be used here, or None when it can."""
+    assert entry.cuda is not None
+    if entry.cuda.major != target.major:
+        return f"CUDA {entry.cuda}: major {entry.cuda.major} differs from {target_name} {target}"
+    if driver is not None and entry.cuda > driver:
+        return f"CUDA {entry.cuda} > driver CUDA {driver} (needs {_driver_hint(entry.cuda)})"
+    missing = [d for d in devices if not covers(entry, d.capability)]
+    if missing:
+        names = ", ".join(f"{d.sm} (GPU {d.index}{' ' + d.name if d.name else ''})" for d in missing)
+        have = ",".join(entry.archs) or "-"
+        ptx = ",".join(entry.ptx) or "-"
+        return f"no cubin or PTX runs on {names}: cubins {have}, PTX {ptx}"
+    return None
+
+
+def _reject_all(entries: tuple[LibraryEntry, ...], why: str) -> tuple[Candidate, ...]:
+    return tuple(Candidate(e.file, "rejected", why) for e in entries)
+
+
+def _backend(env: Mapping[str, str]) -> str:
+    value = env.get("KBIT_BACKEND", "").strip().lower() or "auto"
+    if value not in BACKENDS:
+        raise KbitConfigError(
+            f"KBIT_BACKEND={env['KBIT_BACKEND']!r} is not one of {', '.join(BACKENDS)}: "
+            "set one of those, or unset it"
+        )
+    return value
+
+
+def _forced_version(env: Mapping[str, str], bundled: list[CudaVersion]) -> Optional[CudaVersion]:
+    text = env.get("KBIT_CUDA_VERSION", "").strip()
+    if not text:
+        return None
+    try:
+        version = CudaVersion.parse(text)
+    except ValueError:
+        raise KbitConfigError(
+            f"KBIT_CUDA_VERSION={text!r} is not a CUDA version: use e.g. '12.4' or '124' "
+            f"(bundled: {_list(bundled)}), or unset it"
+        ) from None
+    if version not in bundled:
+        raise KbitConfigError(
+            f"KBIT_CUDA_VERSION={text!r}: CUDA {version} is not bundled (bundled: {_list(bundled)}); "
+            f"set one of those, unset it, or build from source with `nox -s build -- --cuda {version}`"
+        )
+    return version
+
+
+def select(probes: Probes, manifest: Manifest, env: Mapping[str, str]) -> Decision:
+    """Choose the library for CUDA tensors. Raises KbitConfigError for a bad override value and
+    KbitManifestError for an unusable manifest (both only when called, i.e. at first native use)."""
+    backend = _backend(env)
+    library = env.get("KBIT_LIBRARY", "").strip()
+    if not manifest.ok:
+        raise KbitManifestError(manifest.error)
+    entries = manifest.cuda_libraries
+    bundled = [e.cuda for e in entries if e.cuda is not None]
+    forced = _forced_version(env, bundled)
+    devices = _devices(probes)
+    gpu = bool(devices) or bool(probes.torch.device_count)
+    cpu = cpu_library_name()
+
+    if library:
+        return Decision(
+            "cuda", library, False,
+            f"KBIT_LIBRARY={library}: using that library without checking it fits this machine",
+            _reject_all(entries, "KBIT_LIBRARY is set"), override="KBIT_LIBRARY", gpu=gpu,
+        )
+    if backend == "cpu":
+        return Decision("cpu", cpu, False, "KBIT_BACKEND=cpu: using the CPU library only",
+                        _reject_all(entries, "KBIT_BACKEND=cpu"), override="KBIT_BACKEND", gpu=gpu)
+
+    torch, driver = probes.torch, probes.driver
+    if torch.cuda is not None:
+        target, target_name = torch.cuda, "torch's CUDA"
+    elif driver.version is not None:
+        target, target_name = driver.version, "the driver's CUDA"
+    else:
+        target, target_name = None, ""
+
+    def cpu_decision(why_all: str, reason: str, candidates: Optional[tuple[Candidate, ...]] = None) -> Decision:
+        if backend == "cuda":
+            raise KbitConfigError(f"KBIT_BACKEND=cuda but {reason}")
+        return Decision("cpu", cpu, False, reason, candidates or _reject_all(entries, why_all), gpu=gpu)
+
+    if forced is not None:
+        entry = next(e for e in entries if e.cuda == forced)
+        problem = None if target is None else _check(entry, target, target_name, driver.version, devices)
+        reason = f"KBIT_CUDA_VERSION={forced}: using {entry.file}"
+        if problem:
+            reason += f" although it may not run here ({problem})"
+        candidates = tuple(
+            Candidate(e.file, "taken", "KBIT_CUDA_VERSION") if e is entry
+            else Candidate(e.file, "rejected", f"KBIT_CUDA_VERSION={forced}")
+            for e in entries
+        )
+        return Decision("cuda", entry.file, forced == target, reason, candidates,
+                        override="KBIT_CUDA_VERSION", gpu=gpu)
+
+    if torch.hip is not None:
+        return cpu_decision("torch is a ROCm build",
+                            f"torch is a ROCm build (HIP {torch.hip}) and kbit bundles no ROCm library: "
+                            "using the CPU library for CPU tensors; GPU tensors are not supported")
+    if not driver.found:
+        why = driver.error or "no NVIDIA driver"
+        return cpu_decision("no NVIDIA driver",
+                            f"no NVIDIA driver found ({why}): using the CPU library; "
+                            "install the NVIDIA driver to use a GPU")
+    if not devices:
+        if driver.error:
+            return cpu_decision("no usable CUDA device",
+                                f"the NVIDIA driver reports no usable device ({driver.error}): "
+                                "using the CPU library; check the driver (nvidia-smi) and CUDA_VISIBLE_DEVICES")
+        return cpu_decision("no CUDA device visible",
+                            "no CUDA device is visible: using the CPU library; "
+                            "check CUDA_VISIBLE_DEVICES and nvidia-smi")
+    assert target is not None  # the driver was found with devices, so its version is known
+
+    usable: list[LibraryEntry] = []
+    rejected: dict[str, str] = {}
+    for e in entries:
+        problem = _check(e, target, target_name, driver.version, devices)
+        if problem is None:
+            usable.append(e)
+        else:
+            rejected[e.file] = problem
+    # The exact match first, then the highest version first.
+    exact = [e for e in usable if e.cuda == target]
+    others = sorted((e for e in usable if e.cuda != target), key=lambda e: e.cuda, reverse=True)  # type: ignore[arg-type,return-value]
+    order = exact + others
+
+    context = (f"torch CUDA {torch.cuda} with driver CUDA {driver.version}" if torch.cuda is not None
+               else f"driver CUDA {driver.version}")
+    if not order:
+        return cpu_decision("", _no_library_reason(entries, rejected, target, context, driver.version, devices),
+                            tuple(Candidate(e.file, "rejected", rejected[e.file]) for e in entries))
+
+    chosen = order[0]
+    is_exact = chosen.cuda == target
+    candidates = []
+    for e in entries:
+        if e is chosen:
+            why = (f"exact match of {target_name} {target}" if is_exact else
+                   f"highest usable CUDA {target.major}.x ≤ driver CUDA {driver.version}")
+            candidates.append(Candidate(e.file, "taken", why))
+        elif e.file in rejected:
+            candidates.append(Candidate(e.file, "rejected", rejected[e.file]))
+        else:
+            candidates.append(Candidate(e.file, "rejected", f"usable, but {chosen.file} is preferred (a fallback)"))
+    gpus = ", ".join(sorted({d.sm for d in devices}))
+    if is_exact:
+        reason = f"using {chosen.file}: exact match of {target_name} {target} ({context}; GPUs {gpus})"
+    else:
+        reason = (f"using {chosen.file}: no bundled CUDA {target} library, CUDA {chosen.cuda} is the highest "
+                  f"bundled {target.major}.x that runs on {context} (GPUs {gpus})")
+    return Decision("cuda", chosen.file, is_exact, reason, tuple(candidates),
+                    tuple(e.file for e in order[1:]), gpu=gpu)
+
+
+def _no_library_reason(entries: tuple[LibraryEntry, ...], rejected: Mapping[str, str], target: CudaVersion,
+                       context: str, driver: Optional[CudaVersion], devices: tuple[Device, ...]) -> str:
+    bundled = [e.cuda for e in entries if e.cuda is not None]
+    fixes = []
+    same_major = [e for e in entries if e.cuda is not None and e.cuda.major == target.major]
+    newer = [e for e in same_major if driver is not None and e.cuda is not None and e.cuda > driver]
+    if newer:
+        lowest = min(newer, key=lambda e: e.cuda)  # type: ignore[arg-type,return-value]
+        assert lowest.cuda is not None
+        fixes.append(f"update the NVIDIA driver to ≥ {MIN_DRIVER[lowest.cuda]}" if lowest.cuda in MIN_DRIVER
+                     else f"update the NVIDIA driver to one supporting CUDA {lowest.cuda}")
+    fixes.append(f"build from source with `nox -s build -- --cuda {target}`")
+    uncovered = sorted({d.sm for d in devices if not any(covers(e, d.capability) for e in same_major)})
+    arch_note = f" ({', '.join(uncovered)} not covered)" if same_major and uncovered else ""
+    return (f"no bundled CUDA library runs on {context}{arch_note} (bundled: {_list(bundled)}): "
+            f"using the CPU library; {' or '.join(fixes)}")

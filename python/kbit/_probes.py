@@ -1,0 +1,337 @@
+"""Facts about the machine, gathered cheaply and never fatally.
+
+Each probe returns a frozen dataclass of plain data. A probe that cannot find out something records
+the value as unknown (None, or an empty tuple) and says why in `error`; it never raises. The policy
+(`_policy.select`) decides from these values alone, so it can be table-tested without a GPU.
+
+The probes are:
+  * `probe_torch()`: torch's version, its CUDA/HIP build, and its devices, without initialising CUDA
+    (device capabilities are read only if torch has initialised CUDA already);
+  * `probe_driver()`: the NVIDIA driver through ctypes on libcuda.so.1 (cuInit, cuDriverGetVersion,
+    cuDeviceGetCount, cuDeviceGetAttribute, cuDeviceGetName);
+  * `probe_manifest()`: the package's manifest.json, parsed by the pure `parse_manifest()`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from ._versions import CudaVersion
+
+__all__ = [
+    "DRIVER_LIBRARIES",
+    "MANIFEST_NAME",
+    "Device",
+    "DriverProbe",
+    "LibraryEntry",
+    "Manifest",
+    "Probes",
+    "TorchProbe",
+    "parse_manifest",
+    "probe_all",
+    "probe_driver",
+    "probe_manifest",
+    "probe_torch",
+]
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_SCHEMA = 1
+# The soname, then the path WSL2 mounts the Windows driver's library at.
+DRIVER_LIBRARIES = ("libcuda.so.1", "/usr/lib/wsl/lib/libcuda.so.1")
+
+_CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = 75
+_CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR = 76
+
+
+@dataclass(frozen=True)
+class Device:
+    """A visible CUDA device."""
+
+    index: int
+    name: str
+    capability: tuple[int, int]
+
+    @property
+    def sm(self) -> str:
+        return f"sm_{self.capability[0]}{self.capability[1]}"
+
+
+@dataclass(frozen=True)
+class TorchProbe:
+    found: bool
+    """torch is importable and was imported."""
+    version: Optional[str] = None
+    cuda: Optional[CudaVersion] = None
+    """The CUDA version torch was built with; None for a CPU-only or ROCm build."""
+    hip: Optional[str] = None
+    """The HIP version of a ROCm build of torch."""
+    device_count: Optional[int] = None
+    """Visible devices according to torch; None when unknown."""
+    capabilities: tuple[tuple[int, int], ...] = ()
+    """Per device, only when torch had already initialised CUDA (reading them would initialise it)."""
+    error: Optional[str] = None
+    """Why something above is unknown."""
+
+
+@dataclass(frozen=True)
+class DriverProbe:
+    found: bool
+    """A libcuda.so.1 was opened."""
+    path: Optional[str] = None
+    version: Optional[CudaVersion] = None
+    """The highest CUDA version the driver supports (cuDriverGetVersion)."""
+    devices: tuple[Device, ...] = ()
+    error: Optional[str] = None
+    """Why the driver or its devices are unknown (e.g. cuInit's error); None when all went well."""
+
+
+@dataclass(frozen=True)
+class LibraryEntry:
+    """One bundled native library, as the manifest describes it."""
+
+    file: str
+    backend: str
+    """"cpu" or "cuda"."""
+    cuda: Optional[CudaVersion]
+    archs: tuple[str, ...]
+    """Compute capabilities with a cubin, e.g. ("80", "86", "90a")."""
+    ptx: tuple[str, ...]
+    """Compute capabilities with PTX, e.g. ("90",)."""
+    sha256: Optional[str] = None
+    size: Optional[int] = None
+    compiler: Optional[str] = None
+    toolkit: Optional[str] = None
+    """How the toolkit was obtained, one line (e.g. "12.4.131~12.4.1-2 from container:debian")."""
+
+
+@dataclass(frozen=True)
+class Manifest:
+    path: str
+    libraries: tuple[LibraryEntry, ...] = ()
+    kbit_version: Optional[str] = None
+    abi: Optional[int] = None
+    error: Optional[str] = None
+    """Why the manifest is unusable (missing, not JSON, wrong schema); None when it is fine."""
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def entry(self, file: str) -> Optional[LibraryEntry]:
+        return next((e for e in self.libraries if e.file == file), None)
+
+    @property
+    def cuda_libraries(self) -> tuple[LibraryEntry, ...]:
+        """The CUDA libraries, lowest CUDA version first."""
+        libs = [e for e in self.libraries if e.backend == "cuda" and e.cuda is not None]
+        return tuple(sorted(libs, key=lambda e: e.cuda))  # type: ignore[arg-type,return-value]
+
+
+@dataclass(frozen=True)
+class Probes:
+    torch: TorchProbe
+    driver: DriverProbe
+
+
+# --- torch ---------------------------------------------------------------------------------------
+
+
+def probe_torch() -> TorchProbe:
+    """torch's build and devices. Imports torch only if it is installed; never initialises CUDA."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        try:
+            if importlib.util.find_spec("torch") is None:
+                return TorchProbe(found=False, error="torch is not installed")
+            import torch
+        except Exception as e:  # a broken install: say so, the CPU library still works without torch
+            return TorchProbe(found=False, error=f"import torch failed: {type(e).__name__}: {e}")
+    errors: list[str] = []
+    version = getattr(torch, "__version__", None)
+    cuda: Optional[CudaVersion] = None
+    hip: Optional[str] = None
+    try:
+        cuda_text = getattr(torch.version, "cuda", None)
+        hip = getattr(torch.version, "hip", None)
+        cuda = CudaVersion.parse(cuda_text) if cuda_text else None
+    except Exception as e:
+        errors.append(f"torch.version: {type(e).__name__}: {e}")
+    device_count: Optional[int] = 0
+    capabilities: tuple[tuple[int, int], ...] = ()
+    if cuda is not None or hip is not None:
+        # device_count() asks NVML and does not initialise CUDA; capabilities would, so they are
+        # read only when torch has initialised CUDA already.
+        try:
+            device_count = int(torch.cuda.device_count())
+            if torch.cuda.is_initialized():
+                capabilities = tuple(
+                    tuple(torch.cuda.get_device_capability(i)) for i in range(device_count)  # type: ignore[misc]
+                )
+        except Exception as e:
+            device_count = None
+            errors.append(f"torch.cuda: {type(e).__name__}: {e}")
+    return TorchProbe(
+        found=True,
+        version=version,
+        cuda=cuda,
+        hip=hip,
+        device_count=device_count,
+        capabilities=capabilities,
+        error="; ".join(errors) or None,
+    )
+
+
+# --- driver --------------------------------------------------------------------------------------
+
+
+def _cu_error(lib: Any, status: int) -> str:
+    name = ctypes.c_char_p()
+    try:
+        lib.cuGetErrorName.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
+        lib.cuGetErrorName.restype = ctypes.c_int
+        if lib.cuGetErrorName(status, ctypes.byref(name)) == 0 and name.value:
+            return f"{name.value.decode(errors='replace')} ({status})"
+    except Exception:  # an old driver without cuGetErrorName: the number alone still identifies it
+        pass
+    return f"CUresult {status}"
+
+
+def _query_driver(lib: Any, path: str) -> DriverProbe:
+    c_int_p = ctypes.POINTER(ctypes.c_int)
+    lib.cuInit.argtypes = [ctypes.c_uint]
+    lib.cuDriverGetVersion.argtypes = [c_int_p]
+    lib.cuDeviceGetCount.argtypes = [c_int_p]
+    lib.cuDeviceGet.argtypes = [c_int_p, ctypes.c_int]
+    lib.cuDeviceGetAttribute.argtypes = [c_int_p, ctypes.c_int, ctypes.c_int]
+    lib.cuDeviceGetName.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_int]
+    for fn in ("cuInit", "cuDriverGetVersion", "cuDeviceGetCount", "cuDeviceGet",
+               "cuDeviceGetAttribute", "cuDeviceGetName"):
+        getattr(lib, fn).restype = ctypes.c_int
+
+    version: Optional[CudaVersion] = None
+    value = ctypes.c_int(0)
+    status = lib.cuDriverGetVersion(ctypes.byref(value))  # works before cuInit
+    if status != 0:
+        return DriverProbe(True, path, error=f"cuDriverGetVersion failed: {_cu_error(lib, status)}")
+    version = CudaVersion.from_int(value.value)
+    status = lib.cuInit(0)
+    if status != 0:
+        return DriverProbe(True, path, version, error=f"cuInit failed: {_cu_error(lib, status)}")
+    status = lib.cuDeviceGetCount(ctypes.byref(value))
+    if status != 0:
+        return DriverProbe(True, path, version, error=f"cuDeviceGetCount failed: {_cu_error(lib, status)}")
+    devices = []
+    for ordinal in range(value.value):
+        dev, major, minor = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
+        name = ctypes.create_string_buffer(256)
+        for status, what in (
+            (lib.cuDeviceGet(ctypes.byref(dev), ordinal), "cuDeviceGet"),
+            (lib.cuDeviceGetAttribute(ctypes.byref(major), _CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev),
+             "cuDeviceGetAttribute(major)"),
+            (lib.cuDeviceGetAttribute(ctypes.byref(minor), _CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev),
+             "cuDeviceGetAttribute(minor)"),
+            (lib.cuDeviceGetName(name, len(name), dev), "cuDeviceGetName"),
+        ):
+            if status != 0:
+                return DriverProbe(True, path, version, tuple(devices),
+                                   error=f"device {ordinal}: {what} failed: {_cu_error(lib, status)}")
+        devices.append(Device(ordinal, name.value.decode(errors="replace"), (major.value, minor.value)))
+    return DriverProbe(True, path, version, tuple(devices))
+
+
+def probe_driver(libraries: tuple[str, ...] = DRIVER_LIBRARIES) -> DriverProbe:
+    """The NVIDIA driver's CUDA version and devices; `found=False` with the reasons when absent."""
+    tried = []
+    for path in libraries:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError as e:
+            tried.append(f"{path}: {e}")
+            continue
+        try:
+            return _query_driver(lib, path)
+        except Exception as e:  # a driver missing an entry point: report it, never fail
+            return DriverProbe(True, path, error=f"{type(e).__name__}: {e}")
+    return DriverProbe(False, error="no NVIDIA driver: " + "; ".join(tried))
+
+
+# --- manifest ------------------------------------------------------------------------------------
+
+
+def _str_tuple(value: Any, what: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{what} must be a list of strings")
+    return tuple(value)
+
+
+def _toolkit_line(toolkit: Any) -> Optional[str]:
+    if not isinstance(toolkit, dict):
+        return None
+    version, source = toolkit.get("version"), toolkit.get("source")
+    return " from ".join(str(x) for x in (version, source) if x) or None
+
+
+def _entry(raw: Any, index: int) -> LibraryEntry:
+    if not isinstance(raw, dict):
+        raise ValueError(f"libraries[{index}] is not an object")
+    file, backend = raw.get("file"), raw.get("backend")
+    if not isinstance(file, str) or "/" in file or not file:
+        raise ValueError(f"libraries[{index}].file must be a file name, got {file!r}")
+    if backend not in ("cpu", "cuda"):
+        raise ValueError(f"libraries[{index}].backend must be 'cpu' or 'cuda', got {backend!r}")
+    cuda = raw.get("cuda")
+    if backend == "cuda" and not isinstance(cuda, str):
+        raise ValueError(f"libraries[{index}] ({file}) is a CUDA library without a 'cuda' version")
+    size = raw.get("size")
+    return LibraryEntry(
+        file=file,
+        backend=backend,
+        cuda=CudaVersion.parse(cuda) if backend == "cuda" else None,
+        archs=_str_tuple(raw.get("archs", []), f"libraries[{index}].archs"),
+        ptx=_str_tuple(raw.get("ptx", []), f"libraries[{index}].ptx"),
+        sha256=raw.get("sha256") if isinstance(raw.get("sha256"), str) else None,
+        size=size if isinstance(size, int) else None,
+        compiler=raw.get("compiler") if isinstance(raw.get("compiler"), str) else None,
+        toolkit=_toolkit_line(raw.get("toolkit")),
+    )
+
+
+def parse_manifest(text: str, path: str = MANIFEST_NAME) -> Manifest:
+    """Parse manifest.json's text. Pure: a bad manifest gives a Manifest whose `error` says why."""
+    try:
+        raw = json.loads(text)
+        if not isinstance(raw, dict):
+            raise ValueError("the top level is not an object")
+        if raw.get("schema") != MANIFEST_SCHEMA:
+            raise ValueError(f"schema {raw.get('schema')!r} is not {MANIFEST_SCHEMA}: "
+                             "this kbit runtime does not match the libraries it was installed with")
+        libs = raw.get("libraries")
+        if not isinstance(libs, list):
+            raise ValueError("'libraries' is not a list")
+        entries = tuple(_entry(e, i) for i, e in enumerate(libs))
+        abi = raw.get("abi")
+        return Manifest(path, entries, raw.get("kbit_version"), abi if isinstance(abi, int) else None)
+    except ValueError as e:  # json.JSONDecodeError is a ValueError
+        return Manifest(path, error=f"{path} is corrupt ({e}): reinstall kbit")
+
+
+def probe_manifest(package_dir: Path) -> Manifest:
+    path = package_dir / MANIFEST_NAME
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return Manifest(str(path), error=f"{path} is missing: reinstall kbit (pip install --force-reinstall kbit), "
+                                         "or in a source checkout build the libraries and write the manifest")
+    except OSError as e:
+        return Manifest(str(path), error=f"{path} cannot be read ({e})")
+    return parse_manifest(text, str(path))
+
+
+def probe_all() -> Probes:
+    return Probes(torch=probe_torch(), driver=probe_driver())
