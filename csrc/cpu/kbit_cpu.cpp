@@ -1,0 +1,189 @@
+/*
+ * libkbit_cpu.so: the kbit C ABI on host memory.
+ *
+ * Blocks are independent, so work is split over blocks (parallel.h). Inner loops run over one
+ * block's contiguous values with restrict-qualified pointers so the compiler vectorizes them.
+ * Quantization looks codes up in a per-call table of KBIT_GRID_SIZE entries, one per grid bucket
+ * (see kbit_math.h): entry j is the codebook entry nearest to grid point j, which is exactly what
+ * kbit_quantize_value computes, so the table is a cache of the shared math, not a second rule.
+ */
+#include <math.h>
+#include <stdlib.h>
+
+#define KBIT_BUILD_BACKEND "cpu"
+#include "build_info.h"
+#include "kbit.h"
+#include "kbit_common.h"
+#include "kbit_math.h"
+#include "parallel.h"
+
+namespace kbit {
+namespace {
+
+/* Below this many values the table costs more than it saves. */
+const int64_t kGridTableMinValues = 32768;
+/* Values per parallel chunk, so thread starts are amortized. */
+const int64_t kValuesPerChunk = 65536;
+
+struct LoadF32 {
+  static float load(const void* p, int64_t i) { return static_cast<const float*>(p)[i]; }
+};
+struct LoadF16 {
+  static float load(const void* p, int64_t i) { return kbit_f16_to_f32(static_cast<const uint16_t*>(p)[i]); }
+};
+struct LoadBF16 {
+  static float load(const void* p, int64_t i) { return kbit_bf16_to_f32(static_cast<const uint16_t*>(p)[i]); }
+};
+
+struct StoreF32 {
+  static void store(void* p, int64_t i, float v) { static_cast<float*>(p)[i] = v; }
+};
+struct StoreF16 {
+  static void store(void* p, int64_t i, float v) { static_cast<uint16_t*>(p)[i] = kbit_f32_to_f16(v); }
+};
+struct StoreBF16 {
+  static void store(void* p, int64_t i, float v) { static_cast<uint16_t*>(p)[i] = kbit_f32_to_bf16(v); }
+};
+
+/* table[j] = kbit_nearest_code(code, kbit_grid_point(j)) for every bucket j, in one merge pass:
+ * grid points ascend with j and the codebook ascends, so the lower neighbor only moves forward. */
+void build_grid_table(const float* code, uint8_t* table) {
+  int32_t lo = 0;
+  for (int32_t j = 0; j < KBIT_GRID_SIZE; ++j) {
+    float x = kbit_grid_point(j);
+    while (lo < 254 && code[lo + 1] <= x) ++lo;
+    table[j] = kbit_pick_neighbor(code, lo, x);
+  }
+}
+
+struct QuantizeJob {
+  const void* A;
+  const float* code;
+  const uint8_t* table; /* NULL: search the codebook per value */
+  uint8_t* out;
+  float* absmax;
+  int64_t n;
+  int64_t blocksize;
+};
+
+template <typename L>
+float block_absmax(const void* A, int64_t start, int64_t len) {
+  /* 8 independent partial maxima: vectorizes without reassociation flags. NaN never wins
+   * (`v > m` is false), matching bitsandbytes, which ignores NaN in absmax. */
+  float m[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= len; i += 8)
+    for (int k = 0; k < 8; ++k) {
+      float v = fabsf(L::load(A, start + i + k));
+      m[k] = v > m[k] ? v : m[k];
+    }
+  for (; i < len; ++i) {
+    float v = fabsf(L::load(A, start + i));
+    m[0] = v > m[0] ? v : m[0];
+  }
+  float r = m[0];
+  for (int k = 1; k < 8; ++k) r = m[k] > r ? m[k] : r;
+  return r;
+}
+
+template <typename L>
+void quantize_range(void* ctx, int64_t first_block, int64_t end_block) {
+  const QuantizeJob& job = *static_cast<const QuantizeJob*>(ctx);
+  const uint8_t* __restrict table = job.table;
+  uint8_t* __restrict out = job.out;
+  for (int64_t b = first_block; b < end_block; ++b) {
+    int64_t start = b * job.blocksize;
+    int64_t len = job.n - start < job.blocksize ? job.n - start : job.blocksize;
+    float m = block_absmax<L>(job.A, start, len);
+    job.absmax[b] = m;
+    if (table != NULL) {
+      for (int64_t i = 0; i < len; ++i)
+        out[start + i] = table[kbit_grid_bucket(kbit_normalize(L::load(job.A, start + i), m))];
+    } else {
+      for (int64_t i = 0; i < len; ++i) out[start + i] = kbit_quantize_value(job.code, L::load(job.A, start + i), m);
+    }
+  }
+}
+
+struct DequantizeJob {
+  const uint8_t* codes;
+  const float* code;
+  const float* absmax;
+  void* out;
+  int64_t n;
+  int64_t blocksize;
+};
+
+template <typename S>
+void dequantize_range(void* ctx, int64_t first_block, int64_t end_block) {
+  const DequantizeJob& job = *static_cast<const DequantizeJob*>(ctx);
+  const uint8_t* __restrict codes = job.codes;
+  float lut[KBIT_CODEBOOK8_SIZE]; /* local copy: no aliasing with `out` */
+  for (int k = 0; k < KBIT_CODEBOOK8_SIZE; ++k) lut[k] = job.code[k];
+  for (int64_t b = first_block; b < end_block; ++b) {
+    int64_t start = b * job.blocksize;
+    int64_t len = job.n - start < job.blocksize ? job.n - start : job.blocksize;
+    float m = job.absmax[b];
+    for (int64_t i = 0; i < len; ++i) S::store(job.out, start + i, kbit_dequantize_value(lut, codes[start + i], m));
+  }
+}
+
+}  // namespace
+}  // namespace kbit
+
+using namespace kbit;
+
+extern "C" {
+
+KBIT_API int kbit_abi_version(void) { return KBIT_ABI_VERSION; }
+
+static constexpr build_info::Text kBuildInfo = build_info::make();
+
+KBIT_API const char* kbit_build_info(void) { return kBuildInfo.s; }
+
+KBIT_API const char* kbit_status_string(int status) {
+  const char* s = kbit_own_status_string(status);
+  if (s != NULL) return s;
+  if (status >= KBIT_STATUS_CUDA_BASE) return "CUDA error (not expected from the CPU library)";
+  return "unknown kbit status";
+}
+
+KBIT_API int kbit_quantize_blockwise_8bit(int dtype, const void* A, const float* code, uint8_t* out, float* absmax,
+                                          int64_t n, int32_t blocksize, void* stream) {
+  (void)stream;
+  int status = check_blockwise8(dtype, A, code, out, absmax, n, blocksize);
+  if (status != KBIT_OK || n == 0) return status;
+  uint8_t* table = NULL;
+  if (n >= kGridTableMinValues) {
+    table = static_cast<uint8_t*>(malloc(KBIT_GRID_SIZE));
+    if (table != NULL) build_grid_table(code, table); /* no memory: fall back to per-value search */
+  }
+  QuantizeJob job = {A, code, table, out, absmax, n, blocksize};
+  int64_t blocks = (n + blocksize - 1) / blocksize;
+  int64_t grain = kValuesPerChunk / blocksize > 0 ? kValuesPerChunk / blocksize : 1;
+  switch (dtype) {
+    case KBIT_DTYPE_F32: parallel_for(blocks, grain, quantize_range<LoadF32>, &job); break;
+    case KBIT_DTYPE_F16: parallel_for(blocks, grain, quantize_range<LoadF16>, &job); break;
+    default: parallel_for(blocks, grain, quantize_range<LoadBF16>, &job); break;
+  }
+  free(table);
+  return KBIT_OK;
+}
+
+KBIT_API int kbit_dequantize_blockwise_8bit(int dtype, const uint8_t* codes, const float* code, const float* absmax,
+                                            void* out, int64_t n, int32_t blocksize, void* stream) {
+  (void)stream;
+  int status = check_blockwise8(dtype, out, code, codes, absmax, n, blocksize);
+  if (status != KBIT_OK || n == 0) return status;
+  DequantizeJob job = {codes, code, absmax, out, n, blocksize};
+  int64_t blocks = (n + blocksize - 1) / blocksize;
+  int64_t grain = kValuesPerChunk / blocksize > 0 ? kValuesPerChunk / blocksize : 1;
+  switch (dtype) {
+    case KBIT_DTYPE_F32: parallel_for(blocks, grain, dequantize_range<StoreF32>, &job); break;
+    case KBIT_DTYPE_F16: parallel_for(blocks, grain, dequantize_range<StoreF16>, &job); break;
+    default: parallel_for(blocks, grain, dequantize_range<StoreBF16>, &job); break;
+  }
+  return KBIT_OK;
+}
+
+}  // extern "C"
