@@ -1,0 +1,36 @@
+# A CUDA toolkit from Debian's non-free archive, pinned by the matrix row (ci/matrix.toml [row.debian]).
+# Built by ci/kbit_ci/containers.py with --build-arg BASE SUITE EXTRA_SUITE GXX PACKAGES.
+ARG BASE=debian:bookworm-slim
+FROM ${BASE}
+
+ARG SUITE=bookworm
+# e.g. "experimental": added as a source and taken with apt's -t for the toolkit's dependencies
+ARG EXTRA_SUITE=
+ARG GXX=g++
+# "nvidia-cuda-toolkit=VERSION nvidia-cuda-dev=VERSION ..."
+ARG PACKAGES
+
+SHELL ["/bin/bash", "-euo", "pipefail", "-c"]
+ENV DEBIAN_FRONTEND=noninteractive LANG=C.UTF-8
+
+# Add contrib/non-free (and the extra suite) on the mirror the base image already uses: the one-line
+# sources.list that debootstrap writes, or the deb822 debian.sources of the official images.
+RUN if [ -f /etc/apt/sources.list.d/debian.sources ]; then \
+        sed -i -E '/^URIs:.*security/,/^$/b; s/^Components:.*/Components: main contrib non-free/' \
+            /etc/apt/sources.list.d/debian.sources; \
+        mirror=$(awk '/^URIs:/ && !/security/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources); \
+    else \
+        sed -i -E '/^deb / { /contrib/! s/$/ contrib/; /non-free( |$)/! s/$/ non-free/ }' /etc/apt/sources.list; \
+        mirror=$(awk '$1 == "deb" && $2 !~ /security/ {print $2; exit}' /etc/apt/sources.list); \
+    fi; \
+    test -n "$mirror"; \
+    if [ -n "${EXTRA_SUITE}" ]; then \
+        echo "deb ${mirror} ${EXTRA_SUITE} main contrib non-free" > /etc/apt/sources.list.d/extra.list; \
+    fi; \
+    apt-get update -q; \
+    apt-get install -y -q --no-install-recommends ${GXX} cmake ninja-build ca-certificates; \
+    apt-get install -y -q --no-install-recommends ${EXTRA_SUITE:+-t ${EXTRA_SUITE}} ${PACKAGES}; \
+    rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*.deb; \
+    nvcc --version; ${GXX} --version | head -1
+
+LABEL org.kbit.toolkit="debian" org.kbit.suite="${SUITE}" org.kbit.gxx="${GXX}"

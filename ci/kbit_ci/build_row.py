@@ -1,0 +1,212 @@
+"""Compile one matrix row into its library, in the row's build container or with a host toolkit.
+
+    build_row(row, mode="auto") -> BuiltLibrary      "auto": a container where an engine works, else host
+    available_rows(rows, mode)  -> [(row, None | why not)]
+
+Build directories persist at <repo>/build/cuda/<row.id>/ (containers) and <repo>/build/cuda/<row.id>-host/
+(host toolkits; CMake caches must not mix compilers), so a rebuild with no changes is a no-op.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Sequence
+
+from . import REPO, containers, proc
+from .errors import BuildError, CommandError, ToolkitUnavailable
+from .matrix import Row
+from .toolkits import find_host_compiler, find_toolkit, parse_nvcc_version, system_toolkit
+
+__all__ = ["BuiltLibrary", "Mode", "available_rows", "build_dir", "build_row", "cmake_args", "resolve_mode"]
+
+Mode = Literal["auto", "container", "host"]
+
+
+@dataclass(frozen=True)
+class BuiltLibrary:
+    path: Path  # <repo>/build/cuda/cu124/libkbit_cuda124.so
+    row: Row
+    toolkit_source: str  # "container:debian", "container:pypi", "container:nvidia", "host:system", ...
+    toolkit_version: str  # exact: "12.4.131~12.4.1-2", "13.0.88"
+    image: str | None
+    compiler: str  # "Cuda compilation tools, release 12.4, V12.4.131"
+    host_compiler: str  # "g++-13 13.3.0"
+    seconds: float
+
+
+# ---------------------------------------------------------------- pure decisions
+
+
+def cmake_args(row: Row, *, revision: str, host_compiler: str, extra: Sequence[str] = ()) -> list[str]:
+    """The configure arguments of a row's CUDA-only build (source/build dirs and generator aside)."""
+    return [
+        "-DCMAKE_BUILD_TYPE=Release",
+        "-DKBIT_CPU=OFF",
+        "-DKBIT_CUDA=ON",
+        f"-DKBIT_CUDA_ARCHS={row.cmake_archs}",
+        f"-DKBIT_SOURCE_REVISION={revision}",
+        f"-DCMAKE_CUDA_HOST_COMPILER={host_compiler}",
+        *extra,
+    ]
+
+
+def build_dir(repo: Path, row: Row, mode: Literal["container", "host"]) -> Path:
+    return repo / "build" / "cuda" / (row.id if mode == "container" else f"{row.id}-host")
+
+
+def container_kind(row: Row) -> str:
+    """Which recipe the row's image comes from: "debian", "pypi" or "nvidia"."""
+    return Path(row.dockerfile).name.split(".")[0]
+
+
+def resolve_mode(mode: Mode) -> Literal["container", "host"]:
+    if mode == "auto":
+        engine, _ = containers.detect_engine()
+        return "container" if engine is not None else "host"
+    if mode not in ("container", "host"):
+        raise ValueError(f"mode must be auto, container or host, not {mode!r}")
+    return mode
+
+
+# ---------------------------------------------------------------- availability
+
+
+def _why_not_container(row: Row) -> str | None:
+    engine, why = containers.detect_engine()
+    if engine is None:
+        return f"no container engine: {why}"
+    if container_kind(row) == "nvidia":
+        host = containers.registry_host(row.nvidia_image or "")
+        if not containers.registry_reachable(host):
+            return f"{row.nvidia_image} needs the image registry {host}, which does not answer here"
+        return None
+    if row.debian is None and row.pypi is None:
+        return "no Debian or PyPI toolkit pins for its image"
+    return None
+
+
+def _why_not_host(row: Row) -> str | None:
+    try:
+        find_host_compiler(row, os.environ)
+    except ToolkitUnavailable as e:
+        return str(e)
+    if row.pypi is not None:
+        return None
+    if row.debian is not None:
+        if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
+            return "Debian toolkit rows need apt-get and dpkg-deb on the host"
+        try:
+            containers.host_debian_mirror()
+        except ToolkitUnavailable as e:
+            return str(e)
+        return None
+    try:  # only an installed CUDA of exactly this version can serve the row
+        find_toolkit(row, providers=[("system", system_toolkit)])
+    except ToolkitUnavailable as e:
+        return str(e)
+    return None
+
+
+def available_rows(rows: Sequence[Row], mode: Mode = "auto") -> list[tuple[Row, str | None]]:
+    """Each row with None where this machine can build it, else the reason it cannot."""
+    resolved = resolve_mode(mode)
+    check = _why_not_container if resolved == "container" else _why_not_host
+    return [(row, check(row)) for row in rows]
+
+
+# ---------------------------------------------------------------- building
+
+
+def _git_revision(repo: Path) -> str:
+    try:
+        rev = proc.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=repo, capture=True, quiet=True)
+        return rev.stdout.strip()
+    except CommandError:
+        return "unknown"
+
+
+def _library(row: Row, build: Path) -> Path:
+    lib = build / row.library
+    if not lib.is_file():
+        raise BuildError(f"CUDA {row.cuda}: the build finished but {lib} is missing")
+    return lib
+
+
+_PROBE = r"""
+nvcc --version
+echo "@@gxx $({gxx} -dumpfullversion)"
+if command -v dpkg-query >/dev/null && dpkg-query -W nvidia-cuda-toolkit >/dev/null 2>&1; then
+  echo "@@pkg $(dpkg-query -W -f='${{Version}}' nvidia-cuda-toolkit)"
+fi
+"""
+
+
+def _build_in_container(row: Row, repo: Path, jobs: int, revision: str) -> BuiltLibrary:
+    engine, why = containers.detect_engine()
+    if engine is None:
+        raise ToolkitUnavailable(f"no container engine works: {why}")
+    t0 = time.monotonic()
+    image = containers.ensure_row_image(engine, row, repo)
+    gxx = containers.container_host_compiler(row)
+    probe = proc.run(
+        engine.cmd("run", "--rm", *engine.run_flags, "--network", "none", image, "bash", "-c",
+                   _PROBE.format(gxx=gxx)),
+        capture=True, quiet=True,
+    ).stdout
+    cuda, nvcc_full, nvcc_line = parse_nvcc_version(probe)
+    if cuda != row.cuda:
+        raise BuildError(f"{image} carries CUDA {cuda}, the row is {row.cuda}: rebuild the image")
+    fields = dict(line[2:].split(" ", 1) for line in probe.splitlines() if line.startswith("@@"))
+    kind = container_kind(row)
+    version = fields.get("pkg") or nvcc_full
+    build = build_dir(repo, row, "container")
+    build.mkdir(parents=True, exist_ok=True)
+    user = None if os.getuid() == 0 else f"{os.getuid()}:{os.getgid()}"
+    cmd = containers.compile_command(
+        engine, image, src=repo, build=build, jobs=jobs, user=user,
+        cmake_args=cmake_args(row, revision=revision, host_compiler=gxx),
+    )
+    with proc.step(f"compile CUDA {row.cuda} in {image}"):
+        proc.run(cmd)
+    return BuiltLibrary(
+        path=_library(row, build), row=row, toolkit_source=f"container:{kind}", toolkit_version=version,
+        image=image, compiler=nvcc_line, host_compiler=f"{gxx} {fields.get('gxx', '?')}",
+        seconds=time.monotonic() - t0,
+    )
+
+
+def _build_on_host(row: Row, repo: Path, jobs: int, revision: str) -> BuiltLibrary:
+    t0 = time.monotonic()
+    tk = find_toolkit(row)
+    build = build_dir(repo, row, "host")
+    build.mkdir(parents=True, exist_ok=True)
+    generator = ["-G", "Ninja"] if shutil.which("ninja") else []
+    args = cmake_args(row, revision=revision, host_compiler=tk.host_compiler.path,
+                      extra=[f"-DCMAKE_CUDA_COMPILER={tk.nvcc}", *tk.cmake_args])
+    with proc.step(f"compile CUDA {row.cuda} with {tk.source} toolkit {tk.version}"):
+        proc.run(["cmake", "-S", repo, "-B", build, *generator, *args], env=dict(tk.env))
+        proc.run(["cmake", "--build", build, f"-j{jobs}"], env=dict(tk.env))
+    return BuiltLibrary(
+        path=_library(row, build), row=row, toolkit_source=f"host:{tk.source}", toolkit_version=tk.version,
+        image=None, compiler=tk.nvcc_version, host_compiler=str(tk.host_compiler),
+        seconds=time.monotonic() - t0,
+    )
+
+
+def build_row(
+    row: Row, *, mode: Mode = "auto", repo: Path = REPO, jobs: int = 2, revision: str | None = None
+) -> BuiltLibrary:
+    """Build the row's libkbit_cudaXY.so; raises ToolkitUnavailable, BuildError or CommandError."""
+    resolved = resolve_mode(mode)
+    revision = revision or _git_revision(repo)
+    if resolved == "container":
+        built = _build_in_container(row, repo, jobs, revision)
+    else:
+        built = _build_on_host(row, repo, jobs, revision)
+    proc.log(f"CUDA {row.cuda}: {built.path} ({built.toolkit_source} {built.toolkit_version}, "
+             f"{built.host_compiler}, {built.seconds:.1f} s)")
+    return built

@@ -1,0 +1,342 @@
+"""CUDA toolkits on the host: a list of small providers, each `(row, cache_dir, env) -> Toolkit | None`.
+
+The first provider that hits wins; each miss is recorded with its reason, and when every provider
+misses, ToolkitUnavailable lists them all. Order:
+
+  system  an installed CUDA of exactly the row's version (CUDA_HOME, CUDA_PATH, nvcc on PATH, /usr/local/cuda)
+  pypi    NVIDIA's 13.x wheels, pip-installed into a cached venv <cache>/toolkits/pypi-cuXY/
+  debian  Debian's non-free packages, fetched with apt-get download under a private apt configuration
+          and unpacked into <cache>/toolkits/debian-cuXY/ (nothing on the system changes)
+
+The host compiler is picked from the row's gcc bounds: the newest g++-N (or g++) on PATH within them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+from . import REPO, proc
+from .errors import CommandError, ToolkitUnavailable
+from .matrix import Row
+from kbit._versions import CudaVersion
+
+__all__ = [
+    "PROVIDERS",
+    "HostCompiler",
+    "Toolkit",
+    "cache_dir",
+    "debian_sources_list",
+    "debian_toolkit",
+    "find_host_compiler",
+    "find_toolkit",
+    "parse_nvcc_version",
+    "pick_host_compiler",
+    "pypi_toolkit",
+    "relocated_nvcc_profile",
+    "system_toolkit",
+]
+
+DEBIAN_KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
+# Header-only packages nvcc's own headers lean on (cub/thrust/libcu++), beside the row's pins.
+DEBIAN_EXTRA_PACKAGES = ("libcu++-dev", "libcub-dev", "libthrust-dev")
+
+
+@dataclass(frozen=True)
+class HostCompiler:
+    name: str  # "g++-12": what is passed to nvcc -ccbin / CMAKE_CUDA_HOST_COMPILER
+    path: str
+    version: str  # "12.2.0"
+
+    @property
+    def major(self) -> int:
+        return int(self.version.split(".")[0])
+
+    def __str__(self) -> str:
+        return f"{self.name} {self.version}"
+
+
+@dataclass(frozen=True)
+class Toolkit:
+    """A CUDA toolkit a row can be compiled with, and where it came from."""
+
+    source: str  # "system", "pypi", "debian", "container"
+    cuda: CudaVersion
+    version: str  # exact: "13.0.88" (nvcc / wheel) or the Debian package version "12.4.131~12.4.1-2"
+    nvcc: Path
+    root: Path
+    nvcc_version: str  # "Cuda compilation tools, release 13.0, V13.0.88"
+    host_compiler: HostCompiler
+    env: Mapping[str, str] = field(default_factory=dict)
+    cmake_args: tuple[str, ...] = ()
+
+
+Provider = Callable[[Row, Path, Mapping[str, str]], "Toolkit | None"]
+
+
+class Miss(Exception):
+    """A provider does not apply or failed; the message says why."""
+
+
+# ---------------------------------------------------------------- pure helpers
+
+
+def cache_dir(env: Mapping[str, str], repo: Path = REPO) -> Path:
+    """KBIT_CACHE_DIR, else <repo>/.cache (gitignored)."""
+    return Path(env["KBIT_CACHE_DIR"]) if env.get("KBIT_CACHE_DIR") else repo / ".cache"
+
+
+_NVCC_RE = re.compile(r"^(Cuda compilation tools, release (\d+)\.(\d+), V(\d+\.\d+\.\d+)).*$", re.M)
+
+
+def parse_nvcc_version(text: str) -> tuple[CudaVersion, str, str]:
+    """(version, "13.0.88", the release line) from `nvcc --version` output."""
+    m = _NVCC_RE.search(text)
+    if not m:
+        raise ValueError(f"no 'Cuda compilation tools, release' line in nvcc --version output: {text!r}")
+    return CudaVersion(int(m.group(2)), int(m.group(3))), m.group(4), m.group(1)
+
+
+def pick_host_compiler(available: Mapping[str, int], bounds: tuple[int, int]) -> str | None:
+    """The newest compiler within [min, max] majors; a versioned name (g++-12) beats plain g++."""
+    lo, hi = bounds
+    fits = [(major, name != "g++", name) for name, major in available.items() if lo <= major <= hi]
+    return max(fits)[2] if fits else None
+
+
+def debian_sources_list(mirror: str, suites: Sequence[str], keyring: str = DEBIAN_KEYRING) -> str:
+    """A private sources.list: the mirror's main + contrib + non-free for each suite."""
+    return "".join(
+        f"deb [signed-by={keyring}] {mirror} {s} main contrib non-free\n" for s in suites
+    )
+
+
+def relocated_nvcc_profile() -> str:
+    """nvcc.profile for Debian's nvcc unpacked anywhere: every path relative to the nvcc binary."""
+    return (
+        "# kbit: Debian's nvcc relocated (paths relative to this file's directory)\n"
+        "NVVMIR_LIBRARY_DIR = $(_HERE_)/../libdevice\n"
+        "LD_LIBRARY_PATH += $(_HERE_)/../../x86_64-linux-gnu:\n"
+        "PATH += $(_HERE_):$(_HERE_)/../../../bin:\n"
+        "INCLUDES += -I$(_HERE_)/../../../include $(_SPACE_)\n"
+        "LIBRARIES =+ $(_SPACE_) -L$(_HERE_)/../../x86_64-linux-gnu/stubs -L$(_HERE_)/../../x86_64-linux-gnu\n"
+        "CUDAFE_FLAGS +=\n"
+        "PTXAS_FLAGS +=\n"
+    )
+
+
+# ---------------------------------------------------------------- host compiler
+
+
+def _compilers_on_path(env: Mapping[str, str]) -> dict[str, tuple[str, str]]:
+    """{name: (path, full version)} of every g++ / g++-N on PATH."""
+    found: dict[str, tuple[str, str]] = {}
+    for d in env.get("PATH", os.defpath).split(os.pathsep):
+        if not d or not os.path.isdir(d):
+            continue
+        for entry in sorted(os.listdir(d)):
+            if re.fullmatch(r"g\+\+(-\d+)?", entry) and entry not in found:
+                path = os.path.join(d, entry)
+                if os.access(path, os.X_OK):
+                    try:
+                        ver = proc.run([path, "-dumpfullversion"], capture=True, quiet=True).stdout.strip()
+                    except CommandError:
+                        continue
+                    found[entry] = (path, ver)
+    return found
+
+
+def find_host_compiler(row: Row, env: Mapping[str, str]) -> HostCompiler:
+    found = _compilers_on_path(env)
+    name = pick_host_compiler({n: int(v.split(".")[0]) for n, (_, v) in found.items()}, row.gcc)
+    if name is None:
+        have = ", ".join(f"{n} {v}" for n, (_, v) in sorted(found.items())) or "none"
+        raise ToolkitUnavailable(
+            f"CUDA {row.cuda} needs g++ {row.gcc[0]}..{row.gcc[1]}, PATH has {have} "
+            f"(fix: apt-get install g++-{row.gcc[1]})"
+        )
+    path, ver = found[name]
+    return HostCompiler(name=name, path=path, version=ver)
+
+
+# ---------------------------------------------------------------- providers
+
+
+def _nvcc_info(nvcc: Path, env: Mapping[str, str] | None = None) -> tuple[CudaVersion, str, str]:
+    out = proc.run([nvcc, "--version"], capture=True, quiet=True, env=env).stdout
+    return parse_nvcc_version(out)
+
+
+def system_toolkit(row: Row, cache: Path, env: Mapping[str, str]) -> Toolkit | None:
+    """An installed CUDA whose nvcc reports exactly the row's version."""
+    roots: list[Path] = []
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if env.get(var):
+            roots.append(Path(env[var]))
+    on_path = shutil.which("nvcc", path=env.get("PATH"))
+    if on_path:
+        roots.append(Path(on_path).resolve().parent.parent)
+    roots.append(Path("/usr/local/cuda"))
+    seen: list[str] = []
+    for root in dict.fromkeys(roots):
+        nvcc = root / "bin" / "nvcc"
+        if not nvcc.is_file():
+            seen.append(f"{root}: no bin/nvcc")
+            continue
+        try:
+            cuda, full, line = _nvcc_info(nvcc)
+        except (CommandError, ValueError) as e:
+            seen.append(f"{root}: {e}")
+            continue
+        if cuda != row.cuda:
+            seen.append(f"{root}: CUDA {cuda}")
+            continue
+        host = find_host_compiler(row, env)
+        return Toolkit(
+            source="system", cuda=cuda, version=full, nvcc=nvcc, root=root, nvcc_version=line,
+            host_compiler=host, cmake_args=(f"-DCUDAToolkit_ROOT={root}",),
+        )
+    raise Miss("; ".join(seen) or "no CUDA installed")
+
+
+def _stamp_ok(stamp: Path, want: dict) -> bool:
+    try:
+        return json.loads(stamp.read_text()) == want
+    except (OSError, ValueError):
+        return False
+
+
+def pypi_toolkit(row: Row, cache: Path, env: Mapping[str, str]) -> Toolkit | None:
+    """NVIDIA's PyPI wheels (13.x only: the cu11/cu12 wheels carry no nvcc) in a cached venv."""
+    if row.pypi is None:
+        raise Miss("the row has no [row.pypi] pins")
+    venv = cache / "toolkits" / f"pypi-{row.id}"
+    stamp = venv / "kbit-toolkit.json"
+    want = {"requirements": row.pypi.requirements()}
+    if not _stamp_ok(stamp, want):
+        with proc.step(f"CUDA {row.cuda} from PyPI into {venv}"):
+            shutil.rmtree(venv, ignore_errors=True)
+            proc.run([sys.executable, "-m", "venv", "--without-pip", venv])
+            proc.run([sys.executable, "-m", "pip", "--python", venv / "bin" / "python", "install", "-q",
+                      "--no-deps", *row.pypi.requirements()])
+            stamp.write_text(json.dumps(want))
+    roots = sorted(venv.glob(f"lib/python3*/site-packages/nvidia/cu{row.cuda.major}"))
+    if not roots:
+        raise Miss(f"{venv}: no site-packages/nvidia/cu{row.cuda.major} after install")
+    root = roots[0]
+    # nvcc.profile looks under $(TOP)/targets/x86_64-linux/{include,lib}; the wheels use $(TOP)/{include,lib}.
+    target = root / "targets" / "x86_64-linux"
+    target.mkdir(parents=True, exist_ok=True)
+    for name in ("include", "lib"):
+        if not (target / name).exists():
+            (target / name).symlink_to(Path("..", "..", name))
+    if not (root / "lib64").exists():
+        (root / "lib64").symlink_to("lib")
+    nvcc = root / "bin" / "nvcc"
+    cuda, full, line = _nvcc_info(nvcc)
+    if cuda != row.cuda:
+        raise Miss(f"{nvcc} is CUDA {cuda}")
+    return Toolkit(
+        source="pypi", cuda=cuda, version=row.pypi.toolkit_version, nvcc=nvcc, root=root, nvcc_version=line,
+        host_compiler=find_host_compiler(row, env), cmake_args=(f"-DCUDAToolkit_ROOT={root}",),
+    )
+
+
+def _apt_options(base: Path) -> list[str]:
+    return [
+        "-o", f"Dir::Etc::SourceList={base / 'sources.list'}",
+        "-o", "Dir::Etc::SourceParts=/dev/null",
+        "-o", f"Dir::State::Lists={base / 'lists'}",
+        "-o", f"Dir::Cache={base / 'cache'}",
+        "-o", "Dir::State::status=/dev/null",
+        "-o", "Debug::NoLocking=1",
+        "-o", "APT::Get::List-Cleanup=0",
+    ]
+
+
+def debian_toolkit(row: Row, cache: Path, env: Mapping[str, str]) -> Toolkit | None:
+    """Debian's non-free toolkit packages, downloaded and unpacked privately (no root needed)."""
+    if row.debian is None:
+        raise Miss("the row has no [row.debian] pins")
+    for tool in ("apt-get", "dpkg-deb"):
+        if shutil.which(tool) is None:
+            raise Miss(f"{tool} not found (not a Debian-family host)")
+    from .containers import host_debian_mirror
+
+    d = row.debian
+    root = cache / "toolkits" / f"debian-{row.id}"
+    stamp = root / "kbit-toolkit.json"
+    want = {"packages": dict(sorted(d.packages.items())), "extra": list(DEBIAN_EXTRA_PACKAGES)}
+    if not _stamp_ok(stamp, want):
+        mirror = host_debian_mirror()
+        suites = [d.suite] + ([d.extra_suite] if d.extra_suite else [])
+        apt = cache / "apt" / "-".join(suites)
+        debs = cache / "debs" / row.id
+        for p in (apt / "lists" / "partial", apt / "cache" / "archives" / "partial", debs):
+            p.mkdir(parents=True, exist_ok=True)
+        (apt / "sources.list").write_text(debian_sources_list(mirror, suites))
+        opts = _apt_options(apt)
+        target = ["-t", d.extra_suite] if d.extra_suite else ["-t", d.suite]
+        with proc.step(f"CUDA {row.cuda} from Debian {'+'.join(suites)} into {root}"):
+            proc.run(["apt-get", *opts, "update", "-q"])
+            wanted = [f"{n}={v}" for n, v in sorted(d.packages.items())] + list(DEBIAN_EXTRA_PACKAGES)
+            proc.run(["apt-get", *opts, *target, "download", *wanted], cwd=debs)
+            shutil.rmtree(root, ignore_errors=True)
+            root.mkdir(parents=True)
+            for deb in sorted(debs.glob("*.deb")):
+                proc.run(["dpkg-deb", "-x", deb, root], quiet=True)
+            profile = root / "usr" / "lib" / "nvidia-cuda-toolkit" / "bin" / "nvcc.profile"
+            if profile.is_symlink() or profile.exists():
+                profile.unlink()
+            profile.write_text(relocated_nvcc_profile())
+            stamp.write_text(json.dumps(want))
+    nvcc = root / "usr" / "lib" / "nvidia-cuda-toolkit" / "bin" / "nvcc"
+    if not nvcc.is_file():
+        raise Miss(f"{nvcc}: missing after unpacking")
+    cuda, _, line = _nvcc_info(nvcc)
+    if cuda != row.cuda:
+        raise Miss(f"{nvcc} is CUDA {cuda}")
+    return Toolkit(
+        source="debian", cuda=cuda, version=d.toolkit_version, nvcc=nvcc, root=root / "usr", nvcc_version=line,
+        host_compiler=find_host_compiler(row, env),
+        env={"PATH": f"{root / 'usr' / 'bin'}{os.pathsep}{env.get('PATH', os.defpath)}"},
+        cmake_args=(f"-DCUDAToolkit_ROOT={root / 'usr'}",),
+    )
+
+
+PROVIDERS: tuple[tuple[str, Provider], ...] = (
+    ("system", system_toolkit),
+    ("pypi", pypi_toolkit),
+    ("debian", debian_toolkit),
+)
+
+
+def find_toolkit(
+    row: Row,
+    cache: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    providers: Sequence[tuple[str, Provider]] = PROVIDERS,
+) -> Toolkit:
+    """The first provider's toolkit for `row`; ToolkitUnavailable lists why each one missed."""
+    env = dict(os.environ) if env is None else env
+    cache = cache_dir(env) if cache is None else cache
+    misses = []
+    for name, provider in providers:
+        try:
+            tk = provider(row, cache, env)
+        except Miss as e:
+            misses.append(f"{name}: {e}")
+            continue
+        except CommandError as e:
+            misses.append(f"{name}: {str(e).splitlines()[0]}")
+            continue
+        if tk is not None:
+            proc.log(f"CUDA {row.cuda}: toolkit {tk.source} {tk.version} at {tk.root}, host compiler {tk.host_compiler}")
+            return tk
+    raise ToolkitUnavailable(f"no host toolkit for CUDA {row.cuda}: " + " | ".join(misses))
