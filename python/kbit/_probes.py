@@ -252,7 +252,7 @@ def probe_driver(libraries: tuple[str, ...] = DRIVER_LIBRARIES) -> DriverProbe:
         try:
             lib = ctypes.CDLL(path)
         except OSError as e:
-            tried.append(f"{path}: {e}")
+            tried.append(str(e) if path in str(e) else f"{path}: {e}")
             continue
         try:
             return _query_driver(lib, path)

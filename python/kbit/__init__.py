@@ -1,0 +1,63 @@
+"""kbit: k-bit quantization kernels, one native library per CUDA version, chosen at first use.
+
+`import kbit` is cheap and never fails: it imports neither torch nor any native library. The
+library for CPU tensors is loaded on the first CPU tensor, the one for CUDA tensors on the first
+CUDA tensor; `python -m kbit` shows what would be chosen and why.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from ._errors import (
+    KbitConfigError,
+    KbitError,
+    KbitLibraryError,
+    KbitManifestError,
+    KbitNativeError,
+    KbitNoBackendError,
+    KbitWarning,
+)
+
+__all__ = [
+    "KbitConfigError",
+    "KbitError",
+    "KbitLibraryError",
+    "KbitManifestError",
+    "KbitNativeError",
+    "KbitNoBackendError",
+    "KbitWarning",
+    "__version__",
+    "functional",
+]
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+    except ImportError:  # pragma: no cover
+        return "0+unknown"
+    try:
+        return version("kbit")
+    except PackageNotFoundError:  # a source checkout on sys.path, not installed
+        return "0+unknown"
+    except Exception:  # broken metadata must not break import
+        return "0+unknown"
+
+
+__version__ = _version()
+
+_LAZY_SUBMODULES = frozenset({"functional"})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY_SUBMODULES:
+        module = importlib.import_module(f"{__name__}.{name}")
+        globals()[name] = module
+        return module
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | _LAZY_SUBMODULES)

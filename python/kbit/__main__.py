@@ -1,0 +1,126 @@
+"""`python -m kbit [--json]`: what this machine has, what kbit bundles, and which library it uses.
+
+Exit status: 0 when the libraries kbit would use load; 1 when the manifest is missing or corrupt, a
+library fails to load, or an override in the environment is invalid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from dataclasses import asdict
+from typing import Any, Optional
+
+from . import __version__, _native
+from ._errors import KbitError
+from ._probes import Probes, probe_all, probe_manifest
+
+
+def _plain(value: Any) -> Any:
+    """JSON-ready: CudaVersion and tuples become strings and lists."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def report(env: Optional[dict[str, str]] = None, probes: Optional[Probes] = None) -> dict[str, Any]:
+    env = dict(os.environ) if env is None else env
+    probes = probe_all() if probes is None else probes
+    manifest = probe_manifest(_native.PACKAGE_DIR)
+    out: dict[str, Any] = {
+        "kbit": __version__,
+        "package_dir": str(_native.PACKAGE_DIR),
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "torch": _plain(asdict(probes.torch)),
+        "driver": _plain(asdict(probes.driver)),
+        "manifest": _plain(asdict(manifest)),
+        "overrides": {k: v for k, v in env.items() if k in ("KBIT_BACKEND", "KBIT_CUDA_VERSION", "KBIT_LIBRARY")},
+    }
+    errors = []
+    try:
+        cpu = _native._load("cpu")
+        out["cpu_library"] = {"path": cpu.path, "build_info": dict(cpu.build_info)}
+    except KbitError as e:
+        out["cpu_library"] = {"error": str(e)}
+        errors.append(str(e))
+    try:
+        load = _native._load("cuda", env=env, probes=probes)
+        d = load.decision
+        out["decision"] = {
+            "backend": d.backend, "file": d.file, "exact": d.exact, "override": d.override,
+            "reason": load.reason,
+            "candidates": [asdict(c) for c in d.candidates],
+            "fallbacks": list(d.fallbacks),
+            "loaded": None if load.library is None else load.library.path,
+            "failures": [{"file": f, "why": w} for f, w in load.failures],
+        }
+        if d.backend == "cuda" and load.library is None:
+            errors.append(load.reason)
+    except KbitError as e:
+        out["decision"] = {"error": str(e)}
+        errors.append(str(e))
+    out["ok"] = not errors
+    out["errors"] = list(dict.fromkeys(errors))  # one manifest problem fails both loads: say it once
+    return out
+
+
+def _text(r: dict[str, Any]) -> str:
+    lines = [f"kbit {r['kbit']} ({r['package_dir']})", f"platform   {r['platform']}", f"python     {r['python']}"]
+    t = r["torch"]
+    if t["found"]:
+        build = f"CUDA {t['cuda']}" if t["cuda"] else (f"HIP {t['hip']}" if t["hip"] else "CPU only")
+        lines.append(f"torch      {t['version']} ({build}), {t['device_count']} device(s)")
+    else:
+        lines.append(f"torch      not available ({t['error']})")
+    if t["found"] and t["error"]:
+        lines.append(f"           note: {t['error']}")
+    d = r["driver"]
+    if d["found"]:
+        lines.append(f"driver     CUDA {d['version'] or 'unknown'} ({d['path']})")
+    else:
+        lines.append(f"driver     none ({d['error']})")
+    for dev in d["devices"]:
+        cap = dev["capability"]
+        lines.append(f"  GPU {dev['index']}    {dev['name']} sm_{cap[0]}{cap[1]}")
+    if d["found"] and d["error"]:
+        lines.append(f"           note: {d['error']}")
+    m = r["manifest"]
+    lines.append(f"manifest   {m['path']}" + (f": {m['error']}" if m["error"] else ""))
+    for lib in m["libraries"]:
+        cuda = f"CUDA {lib['cuda']}" if lib["cuda"] else "CPU"
+        lines.append(f"  {lib['file']:<22} {cuda:<9} cubin {','.join(lib['archs']) or '-':<28} "
+                     f"ptx {','.join(lib['ptx']) or '-'}")
+    cpu = r["cpu_library"]
+    lines.append(f"CPU        {cpu.get('path') or cpu.get('error')}")
+    dec = r["decision"]
+    if "error" in dec:
+        lines.append(f"CUDA       error: {dec['error']}")
+    else:
+        for c in dec["candidates"]:
+            lines.append(f"  {c['verdict']:<9} {c['file']:<22} {c['why']}")
+        for f in dec["failures"]:
+            lines.append(f"  failed    {f['file']:<22} {f['why']}")
+        lines.append(f"choice     {dec['reason']}")
+    lines.append("status     " + ("ok" if r["ok"] else "FAILED: " + " | ".join(r["errors"])))
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kbit", description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    args = parser.parse_args(argv)
+    r = report()
+    print(json.dumps(r, indent=2) if args.json else _text(r))
+    return 0 if r["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
