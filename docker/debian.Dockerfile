@@ -10,12 +10,13 @@ ARG GXX=g++
 # "nvidia-cuda-toolkit=VERSION nvidia-cuda-dev=VERSION ..."
 ARG PACKAGES
 
-SHELL ["/bin/bash", "-euo", "pipefail", "-c"]
+# RUN lines start with `set -eu`: OCI-format images ignore SHELL, so /bin/sh runs them.
 ENV DEBIAN_FRONTEND=noninteractive LANG=C.UTF-8
 
 # Add contrib/non-free (and the extra suite) on the mirror the base image already uses: the one-line
 # sources.list that debootstrap writes, or the deb822 debian.sources of the official images.
-RUN if [ -f /etc/apt/sources.list.d/debian.sources ]; then \
+RUN set -eu; \
+    if [ -f /etc/apt/sources.list.d/debian.sources ]; then \
         sed -i -E '/^URIs:.*security/,/^$/b; s/^Components:.*/Components: main contrib non-free/' \
             /etc/apt/sources.list.d/debian.sources; \
         mirror=$(awk '/^URIs:/ && !/security/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources); \

@@ -3,10 +3,11 @@
 ARG NVIDIA_IMAGE=nvidia/cuda:12.6.3-devel-ubuntu22.04
 FROM ${NVIDIA_IMAGE}
 
-SHELL ["/bin/bash", "-euo", "pipefail", "-c"]
+# RUN lines start with `set -eu`: OCI-format images ignore SHELL, so /bin/sh runs them.
 ENV DEBIAN_FRONTEND=noninteractive LANG=C.UTF-8
 
-RUN apt-get update -q; \
+RUN set -eu; \
+    apt-get update -q; \
     apt-get install -y -q --no-install-recommends cmake ninja-build; \
     rm -rf /var/lib/apt/lists/*; \
     nvcc --version

@@ -7,16 +7,17 @@ FROM ${BASE}
 # "nvidia-cuda-nvcc==13.0.88 nvidia-nvvm==13.0.88 ..."
 ARG REQUIREMENTS
 
-SHELL ["/bin/bash", "-euo", "pipefail", "-c"]
 ENV DEBIAN_FRONTEND=noninteractive LANG=C.UTF-8 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 
-RUN apt-get update -q; \
+RUN set -eu; \
+    apt-get update -q; \
     apt-get install -y -q --no-install-recommends python3 python3-venv g++ cmake ninja-build ca-certificates; \
     rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*.deb
 
 # nvcc.profile looks for headers and libraries under $(TOP)/targets/x86_64-linux; the wheels put them
 # at $(TOP)/include and $(TOP)/lib (libcudart_static.a and libcudadevrt.a included): link them there.
-RUN python3 -m venv /opt/cuda-venv; \
+RUN set -eu; \
+    python3 -m venv /opt/cuda-venv; \
     /opt/cuda-venv/bin/pip install -q --no-deps ${REQUIREMENTS}; \
     cu=$(/opt/cuda-venv/bin/python -c 'import nvidia, os; print(os.path.join(nvidia.__path__[0], "cu13"))'); \
     mkdir -p "$cu/targets/x86_64-linux"; \

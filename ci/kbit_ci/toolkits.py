@@ -184,10 +184,14 @@ def system_toolkit(row: Row, cache: Path, env: Mapping[str, str]) -> Toolkit | N
         roots.append(Path(on_path).resolve().parent.parent)
     roots.append(Path("/usr/local/cuda"))
     seen: list[str] = []
-    for root in dict.fromkeys(roots):
+    for root in dict.fromkeys(r.resolve() for r in roots):
         nvcc = root / "bin" / "nvcc"
         if not nvcc.is_file():
             seen.append(f"{root}: no bin/nvcc")
+            continue
+        # nvcc on PATH may be a wrapper script (e.g. /usr/local/bin/nvcc): only a real root has headers.
+        if not any(root.glob("include/cuda_runtime.h")) and not any(root.glob("targets/*/include/cuda_runtime.h")):
+            seen.append(f"{root}: no include/cuda_runtime.h")
             continue
         try:
             cuda, full, line = _nvcc_info(nvcc)

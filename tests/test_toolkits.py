@@ -1,0 +1,275 @@
+"""The pure decisions of the build tooling: engine flags, image pins, apt sources, compilers, CMake args."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "ci"))
+
+from kbit_ci import containers, toolkits  # noqa: E402  (puts python/ on sys.path)
+from kbit_ci.build_row import build_dir, cmake_args, container_kind  # noqa: E402
+from kbit_ci.errors import ToolkitUnavailable  # noqa: E402
+from kbit_ci.matrix import load_matrix, select_rows  # noqa: E402
+
+from kbit._versions import CudaVersion  # noqa: E402
+
+ROWS = load_matrix()
+(CU118, CU120, CU124, CU125, CU130) = select_rows(ROWS, ["11.8", "12.0", "12.4", "12.5", "13.0"])
+
+
+# ---------------------------------------------------------------- engine flags
+
+
+@pytest.mark.parametrize(
+    ("engine", "runc", "nofile", "nproc", "want_global", "want_run"),
+    [
+        ("podman", "/usr/sbin/runc", 20000, 96365, ("--runtime", "/usr/sbin/runc"),
+         ("--ulimit", "nofile=20000:20000", "--ulimit", "nproc=32768:32768")),
+        ("podman", None, None, None, (),
+         ("--ulimit", "nofile=1048576:1048576", "--ulimit", "nproc=32768:32768")),
+        ("podman", "/bin/runc", 4096, 1024, ("--runtime", "/bin/runc"),
+         ("--ulimit", "nofile=4096:4096", "--ulimit", "nproc=1024:1024")),
+        ("docker", "/usr/sbin/runc", 20000, 100, (), ()),
+    ],
+)
+def test_engine_flags(engine, runc, nofile, nproc, want_global, want_run):
+    g, run, build = containers.engine_flags(engine, runc=runc, hard_nofile=nofile, hard_nproc=nproc)
+    assert g == want_global
+    assert run == want_run
+    if engine == "podman":
+        assert build == (*want_run, "--network", "host")
+    else:
+        assert build == ()
+
+
+def test_engine_cmd_puts_global_flags_before_the_subcommand():
+    e = containers.Engine("podman", "/usr/bin/podman", global_flags=("--runtime", "/r"))
+    assert e.cmd("build", "-t", "x") == ["/usr/bin/podman", "--runtime", "/r", "build", "-t", "x"]
+
+
+# ---------------------------------------------------------------- mirrors and images
+
+DEB822 = """\
+Types: deb
+# http://snapshot.example/archive/debian/20250520T000000Z
+URIs: http://mirror.example/debian
+Suites: bookworm bookworm-updates
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+
+Types: deb
+URIs: http://mirror.example/debian-security
+Suites: bookworm-security
+Components: main
+"""
+
+
+@pytest.mark.parametrize(
+    ("files", "want"),
+    [
+        ({"/etc/apt/sources.list.d/debian.sources": DEB822}, "http://mirror.example/debian"),
+        ({"/etc/apt/sources.list": "deb http://m.example/debian/ trixie main\n"}, "http://m.example/debian"),
+        ({"/etc/apt/sources.list": "deb [signed-by=/k.gpg] http://m.example/debian trixie main\n"},
+         "http://m.example/debian"),
+        ({"/etc/apt/sources.list": "deb http://m.example/debian-security bookworm-security main\n"
+                                   "# deb http://old.example/debian bookworm main\n"}, None),
+        ({"/etc/apt/sources.list.d/node.sources":
+          "Types: deb\nURIs: https://node.example/node_20.x\nSuites: nodistro\nComponents: main\n"}, None),
+        ({"/etc/apt/sources.list.d/a.sources": DEB822.replace("Types: deb\n# http", "Enabled: no\nTypes: deb\n# http", 1)},
+         None),
+    ],
+)
+def test_parse_debian_mirror(files, want):
+    assert containers.parse_debian_mirror(files) == want
+
+
+@pytest.mark.parametrize(
+    ("image", "ref", "host"),
+    [
+        ("debian:bookworm-slim", "docker.io/library/debian:bookworm-slim", "registry-1.docker.io"),
+        ("nvidia/cuda:12.6.3-devel-ubuntu22.04", "docker.io/nvidia/cuda:12.6.3-devel-ubuntu22.04",
+         "registry-1.docker.io"),
+        ("nvcr.io/nvidia/cuda:13.0.2-devel", "nvcr.io/nvidia/cuda:13.0.2-devel", "nvcr.io"),
+    ],
+)
+def test_upstream_image_ref(image, ref, host):
+    assert containers.upstream_image_ref(image) == ref
+    assert containers.registry_host(image) == host
+
+
+def test_base_images():
+    assert containers.base_image_for(CU118) == ("debian:bookworm-slim", "bookworm")
+    assert containers.base_image_for(CU124) == ("debian:trixie-slim", "trixie")
+    assert containers.base_image_for(CU130) == ("debian:bookworm-slim", "bookworm")
+    with pytest.raises(ToolkitUnavailable):
+        containers.base_image_for(CU120)
+
+
+def test_build_args_are_the_rows_pins():
+    a = containers.image_build_args(CU125)
+    assert a["BASE"] == "debian:trixie-slim" and a["SUITE"] == "trixie" and a["EXTRA_SUITE"] == "experimental"
+    assert a["GXX"] == "g++-13"
+    assert "nvidia-cuda-toolkit=12.5.40~12.5.0-2+b1" in a["PACKAGES"].split()
+    assert containers.image_build_args(CU124)["EXTRA_SUITE"] == ""
+    p = containers.image_build_args(CU130)
+    assert p["REQUIREMENTS"].split() == CU130.pypi.requirements()
+    assert containers.image_build_args(CU120) == {"NVIDIA_IMAGE": CU120.nvidia_image}
+
+
+@pytest.mark.parametrize("row", [r for r in ROWS if r.debian or r.pypi], ids=lambda r: r.id)
+def test_build_args_of_every_buildable_row(row):
+    args = containers.image_build_args(row)
+    assert all(isinstance(v, str) for v in args.values())
+    gxx = containers.container_host_compiler(row)
+    if row.debian:
+        assert int(gxx.removeprefix("g++-")) in range(row.gcc[0], row.gcc[1] + 1)
+
+
+def test_fingerprint_changes_with_a_pin_and_only_then():
+    text = (REPO / CU124.dockerfile).read_text()
+    args = containers.image_build_args(CU124)
+    fp = containers.image_fingerprint(text, args)
+    assert fp == containers.image_fingerprint(text, dict(reversed(list(args.items()))))
+    assert fp != containers.image_fingerprint(text, {**args, "PACKAGES": args["PACKAGES"] + "x"})
+    assert fp != containers.image_fingerprint(text + "\n", args)
+
+
+def test_compile_command():
+    e = containers.Engine("podman", "podman", global_flags=("--runtime", "/r"), run_flags=("--ulimit", "a"))
+    argv = containers.compile_command(e, "kbit-build:cu124", src=Path("/repo"), build=Path("/repo/build/cuda/cu124"),
+                                      cmake_args=["-DX=1"], jobs=2, user="1000:1000")
+    assert argv[:4] == ["podman", "--runtime", "/r", "run"]
+    assert "/repo:/src:ro" in argv and "/repo/build/cuda/cu124:/build" in argv
+    assert argv[argv.index("--network") + 1] == "none"
+    assert argv[argv.index("--user") + 1] == "1000:1000"
+    assert argv[-1] == "-DX=1" and "kbit-build:cu124" in argv
+    assert "--user" not in containers.compile_command(e, "i", src=Path("/s"), build=Path("/b"), cmake_args=[],
+                                                      jobs=2, user=None)
+
+
+def test_install_commands():
+    cmds = containers.install_engine_commands()
+    assert cmds[0] == ["apt-get", "update"]
+    assert {"podman", "runc", "debootstrap"} <= set(cmds[1])
+
+
+# ---------------------------------------------------------------- toolkits
+
+
+def test_parse_nvcc_version():
+    out = ("nvcc: NVIDIA (R) Cuda compiler driver\nCopyright (c) 2005-2025 NVIDIA Corporation\n"
+           "Built on Wed_Aug_20_01:58:59_PM_PDT_2025\nCuda compilation tools, release 13.0, V13.0.88\n"
+           "Build cuda_13.0.r13.0/compiler.36424714_0\n")
+    assert toolkits.parse_nvcc_version(out) == (
+        CudaVersion(13, 0), "13.0.88", "Cuda compilation tools, release 13.0, V13.0.88")
+    with pytest.raises(ValueError):
+        toolkits.parse_nvcc_version("gcc (Debian 12.2.0)")
+
+
+@pytest.mark.parametrize(
+    ("available", "bounds", "want"),
+    [
+        ({"g++": 12, "g++-12": 12}, (9, 13), "g++-12"),
+        ({"g++": 12, "g++-12": 12, "g++-11": 11}, (9, 11), "g++-11"),
+        ({"g++": 12, "g++-12": 12}, (9, 11), None),
+        ({"g++": 14, "g++-13": 13, "g++-14": 14}, (9, 13), "g++-13"),
+        ({"g++": 13}, (9, 13), "g++"),
+        ({}, (9, 15), None),
+    ],
+)
+def test_pick_host_compiler(available, bounds, want):
+    assert toolkits.pick_host_compiler(available, bounds) == want
+
+
+def test_debian_sources_list():
+    text = toolkits.debian_sources_list("http://m.example/debian", ["trixie", "experimental"])
+    assert text.splitlines() == [
+        "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://m.example/debian trixie main contrib non-free",
+        "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://m.example/debian experimental main contrib non-free",
+    ]
+
+
+def test_relocated_nvcc_profile_has_no_absolute_paths():
+    text = toolkits.relocated_nvcc_profile()
+    for line in text.splitlines():
+        if "=" in line and not line.startswith("#"):
+            value = line.split("=", 1)[1]
+            assert "/usr" not in value.replace("$(_HERE_)", ""), line
+    assert "$(_HERE_)/../libdevice" in text
+
+
+def test_cache_dir_precedence(tmp_path):
+    assert toolkits.cache_dir({}, repo=tmp_path) == tmp_path / ".cache"
+    assert toolkits.cache_dir({"KBIT_CACHE_DIR": "/x"}, repo=tmp_path) == Path("/x")
+
+
+def _fake_toolkit(source):
+    host = toolkits.HostCompiler("g++-12", "/usr/bin/g++-12", "12.2.0")
+    return toolkits.Toolkit(source, CudaVersion(13, 0), "13.0.88", Path("/nvcc"), Path("/"), "line", host)
+
+
+def test_find_toolkit_first_hit_wins_and_misses_are_reported(tmp_path):
+    def miss(row, cache, env):
+        raise toolkits.Miss("nothing here")
+
+    hit = _fake_toolkit("pypi")
+    assert toolkits.find_toolkit(CU130, tmp_path, {}, [("a", miss), ("b", lambda *a: hit)]) is hit
+    with pytest.raises(ToolkitUnavailable, match=r"a: nothing here \| b: nothing here"):
+        toolkits.find_toolkit(CU130, tmp_path, {}, [("a", miss), ("b", miss)])
+
+
+def test_providers_that_do_not_apply_say_why(tmp_path):
+    with pytest.raises(toolkits.Miss, match="pypi"):
+        toolkits.pypi_toolkit(CU124, tmp_path, {})
+    with pytest.raises(toolkits.Miss, match="debian"):
+        toolkits.debian_toolkit(CU130, tmp_path, {})
+
+
+# ---------------------------------------------------------------- build arguments
+
+
+def test_cmake_args():
+    args = cmake_args(CU124, revision="abc123", host_compiler="g++-13")
+    assert "-DKBIT_CPU=OFF" in args and "-DKBIT_CUDA=ON" in args
+    assert f"-DKBIT_CUDA_ARCHS={CU124.cmake_archs}" in args
+    assert "-DKBIT_SOURCE_REVISION=abc123" in args and "-DCMAKE_CUDA_HOST_COMPILER=g++-13" in args
+
+
+def test_build_dirs_do_not_mix_container_and_host(tmp_path):
+    assert build_dir(tmp_path, CU124, "container") == tmp_path / "build" / "cuda" / "cu124"
+    assert build_dir(tmp_path, CU124, "host") != build_dir(tmp_path, CU124, "container")
+
+
+def test_container_kind():
+    assert [container_kind(r) for r in (CU118, CU120, CU130)] == ["debian", "nvidia", "pypi"]
+
+
+# ---------------------------------------------------------------- ci/matrix_query.py
+
+
+def _query(*args):
+    return subprocess.run([sys.executable, str(REPO / "ci" / "matrix_query.py"), *args],
+                          capture_output=True, text=True, check=False)
+
+
+@pytest.mark.parametrize("row", ROWS, ids=lambda r: r.id)
+def test_matrix_query_agrees_with_the_loader(row):
+    res = _query("--cmake-archs", str(row.cuda))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == row.cmake_archs
+
+
+def test_matrix_query_unknown_version():
+    res = _query("--cmake-archs", "12.7")
+    assert res.returncode == 2 and "12.7" in res.stderr
+
+
+def test_rows_are_frozen():
+    with pytest.raises(AttributeError):
+        replace(CU124).cuda = CudaVersion(1, 0)  # type: ignore[misc]
