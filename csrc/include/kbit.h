@@ -70,9 +70,15 @@ KBIT_API const char* kbit_status_string(int status);
  *
  * A holds n values of dtype. For block b (values [b*blocksize, min((b+1)*blocksize, n))):
  *   absmax[b] = max |A[i]|, and out[i] = the index of the entry of `code` nearest to A[i] / absmax[b].
- * `code` holds KBIT_CODEBOOK8_SIZE float32 values sorted ascending. A block whose absmax is 0
- * quantizes every value to the entry nearest to 0. NaN inputs give unspecified codes for their
- * block; the call still succeeds.
+ * `code` holds KBIT_CODEBOOK8_SIZE float32 values sorted ascending. Bit-compatible with
+ * bitsandbytes' CPU kernel: x = A[i] / absmax[b] (float32 division) is first snapped to the nearest
+ * of 65536 evenly spaced points on [-1, 1] (bucket floor((x + 1) * 32767.5 + 0.5)), and out[i] is
+ * the entry nearest to that point, ties to the lower index (csrc/common/kbit_math.h). This differs
+ * from a plain nearest search only within 1.5e-5 of a midpoint between two entries; near 0 the
+ * dynamic map's tiny entries are not resolved (x = 0 gives the entry nearest to 1.5e-5).
+ * Edge cases, also as bitsandbytes: NaN values are ignored by absmax and get code 0; a block whose
+ * absmax is 0 gets code 0 everywhere (0/0 is NaN), which dequantizes to (-)0. inf makes the block's
+ * absmax inf. The call still succeeds in all these cases.
  * absmax must have room for ceil(n / blocksize) floats, out for n bytes.
  */
 KBIT_API int kbit_quantize_blockwise_8bit(int dtype, const void* A, const float* code, uint8_t* out,
