@@ -11,13 +11,14 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "ci"))
+if str(REPO / "python") not in sys.path:  # as kbit_ci does: an installed kbit wins
+    sys.path.append(str(REPO / "python"))
 
+from kbit._versions import CudaVersion  # noqa: E402
 from kbit_ci import containers, toolkits  # noqa: E402  (puts python/ on sys.path)
 from kbit_ci.build_row import build_dir, cmake_args, container_kind  # noqa: E402
 from kbit_ci.errors import ToolkitUnavailable  # noqa: E402
 from kbit_ci.matrix import load_matrix, select_rows  # noqa: E402
-
-from kbit._versions import CudaVersion  # noqa: E402
 
 ROWS = load_matrix()
 (CU118, CU120, CU124, CU125, CU130) = select_rows(ROWS, ["11.8", "12.0", "12.4", "12.5", "13.0"])

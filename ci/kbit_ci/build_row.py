@@ -12,9 +12,10 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 from . import REPO, containers, proc
 from .errors import BuildError, CommandError, ToolkitUnavailable

@@ -23,9 +23,9 @@ import sys
 import tempfile
 import urllib.error
 import urllib.request
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
 
 from . import proc
 from .errors import CommandError, ToolkitUnavailable
@@ -40,11 +40,11 @@ __all__ = [
     "engine_flags",
     "ensure_base_image",
     "ensure_row_image",
+    "host_debian_mirror",
     "image_build_args",
     "image_fingerprint",
     "install_engine",
     "install_engine_commands",
-    "host_debian_mirror",
     "parse_debian_mirror",
     "prune_images",
     "registry_host",

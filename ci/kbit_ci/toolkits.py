@@ -18,14 +18,16 @@ import os
 import re
 import shutil
 import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable
+
+from kbit._versions import CudaVersion
 
 from . import REPO, proc
 from .errors import CommandError, ToolkitUnavailable
 from .matrix import Row
-from kbit._versions import CudaVersion
 
 __all__ = [
     "PROVIDERS",
@@ -243,7 +245,7 @@ def pypi_toolkit(row: Row, cache: Path, env: Mapping[str, str]) -> Toolkit | Non
     if not (root / "lib64").exists():
         (root / "lib64").symlink_to("lib")
     nvcc = root / "bin" / "nvcc"
-    cuda, full, line = _nvcc_info(nvcc)
+    cuda, _, line = _nvcc_info(nvcc)
     if cuda != row.cuda:
         raise Miss(f"{nvcc} is CUDA {cuda}")
     return Toolkit(
