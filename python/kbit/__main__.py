@@ -46,7 +46,7 @@ def report(env: Optional[dict[str, str]] = None, probes: Optional[Probes] = None
     }
     errors = []
     try:
-        cpu = _native._load("cpu")
+        cpu = _native._load("cpu", env=env)
         out["cpu_library"] = {"path": cpu.path, "build_info": dict(cpu.build_info)}
     except KbitError as e:
         out["cpu_library"] = {"error": str(e)}

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ._errors import KbitConfigError, KbitLibraryError, KbitManifestError, KbitNativeError, KbitWarning
-from ._policy import Decision, select
+from ._policy import Decision, check_overrides, select
 from ._probes import LibraryEntry, Manifest, Probes, probe_all, probe_manifest
 from ._versions import cpu_library_name
 
@@ -172,8 +172,9 @@ def _manifest_or_raise(package_dir: Path) -> Manifest:
     return manifest
 
 
-def _load_cpu(package_dir: Path) -> NativeLibrary:
+def _load_cpu(package_dir: Path, env: Mapping[str, str]) -> NativeLibrary:
     manifest = _manifest_or_raise(package_dir)
+    check_overrides(manifest, env)
     name = cpu_library_name()
     entry = manifest.entry(name)
     if entry is None:
@@ -213,10 +214,11 @@ def _load_cuda(package_dir: Path, env: Mapping[str, str], probes: Optional[Probe
 def _load(backend: str, package_dir: Path = PACKAGE_DIR, env: Optional[Mapping[str, str]] = None,
           probes: Optional[Probes] = None) -> Any:
     """Uncached: load the library for `backend` ("cpu" -> NativeLibrary, "cuda" -> CudaLoad)."""
+    env = os.environ if env is None else env
     if backend == "cpu":
-        return _load_cpu(package_dir)
+        return _load_cpu(package_dir, env)
     if backend == "cuda":
-        return _load_cuda(package_dir, os.environ if env is None else env, probes)
+        return _load_cuda(package_dir, env, probes)
     raise ValueError(f"backend must be 'cpu' or 'cuda', not {backend!r}")
 
 

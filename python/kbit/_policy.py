@@ -28,7 +28,7 @@ from ._errors import KbitConfigError, KbitManifestError
 from ._probes import Device, LibraryEntry, Manifest, Probes
 from ._versions import CudaVersion, cpu_library_name
 
-__all__ = ["BACKENDS", "MIN_DRIVER", "Candidate", "Decision", "covers", "select"]
+__all__ = ["BACKENDS", "MIN_DRIVER", "Candidate", "Decision", "check_overrides", "covers", "select"]
 
 BACKENDS = ("auto", "cpu", "cuda")
 
@@ -173,11 +173,20 @@ def _forced_version(env: Mapping[str, str], bundled: list[CudaVersion]) -> Optio
             f"(bundled: {_list(bundled)}), or unset it"
         ) from None
     if version not in bundled:
+        choices = f"bundled: {_list(bundled)}; set one of those" if bundled else "this kbit bundles no CUDA library"
         raise KbitConfigError(
-            f"KBIT_CUDA_VERSION={text!r}: CUDA {version} is not bundled (bundled: {_list(bundled)}); "
-            f"set one of those, unset it, or build from source with `nox -s build -- --cuda {version}`"
+            f"KBIT_CUDA_VERSION={text!r}: CUDA {version} is not bundled ({choices}); "
+            f"unset it, or build from source with `nox -s build -- --cuda {version}`"
         )
     return version
+
+
+def check_overrides(manifest: Manifest, env: Mapping[str, str]) -> None:
+    """Raise KbitConfigError for a bad KBIT_BACKEND or KBIT_CUDA_VERSION: the CPU library's first use
+    checks them too, so a typo is reported even by a program that never touches a GPU."""
+    _backend(env)
+    if manifest.ok:
+        _forced_version(env, [e.cuda for e in manifest.cuda_libraries if e.cuda is not None])
 
 
 def select(probes: Probes, manifest: Manifest, env: Mapping[str, str]) -> Decision:

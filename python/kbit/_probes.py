@@ -258,7 +258,7 @@ def probe_driver(libraries: tuple[str, ...] = DRIVER_LIBRARIES) -> DriverProbe:
             return _query_driver(lib, path)
         except Exception as e:  # a driver missing an entry point: report it, never fail
             return DriverProbe(True, path, error=f"{type(e).__name__}: {e}")
-    return DriverProbe(False, error="no NVIDIA driver: " + "; ".join(tried))
+    return DriverProbe(False, error="; ".join(tried))
 
 
 # --- manifest ------------------------------------------------------------------------------------

@@ -1,0 +1,16 @@
+#!/bin/sh
+# Lay out a development copy of the package in python/kbit/ (both outputs are gitignored): build
+# libkbit_cpu.so, copy it next to the Python sources and write its manifest.json with the build's
+# own manifest writer. Then run the tests from the source tree with:
+#     sh tests/dev_layout.sh && PYTHONPATH=python python -m pytest tests
+# (Against an installed wheel, skip this and leave PYTHONPATH unset.)
+set -eu
+repo=$(cd "$(dirname "$0")/.." && pwd)
+build=${KBIT_DEV_BUILD:-/tmp/kb-cpu}
+python=${PYTHON:-python3}
+cmake -S "$repo" -B "$build" >/dev/null
+cmake --build "$build" -j2
+lib=$(find "$build" -name libkbit_cpu.so -print -quit)
+[ -n "$lib" ] || { echo "dev_layout: no libkbit_cpu.so under $build" >&2; exit 1; }
+cp "$lib" "$repo/python/kbit/libkbit_cpu.so"
+"$python" "$repo/ci/write_manifest.py" "$repo/python/kbit" 0.1.0
