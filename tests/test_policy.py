@@ -1,0 +1,248 @@
+"""The library policy, table-tested on plain data: no GPU, driver or native library involved."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Optional
+
+import pytest
+
+from kbit import KbitConfigError, KbitManifestError
+from kbit._policy import MIN_DRIVER, covers, select
+from kbit._probes import (
+    Device,
+    DriverProbe,
+    LibraryEntry,
+    Manifest,
+    Probes,
+    TorchProbe,
+    parse_manifest,
+    probe_manifest,
+)
+from kbit._versions import CudaVersion, cuda_library_name
+
+BASE = ("70", "75", "80", "86", "89", "90")
+CPU = LibraryEntry("libkbit_cpu.so", "cpu", None, (), ())
+
+
+def lib(version: str, archs: tuple[str, ...] = BASE, ptx: tuple[str, ...] = ("90",)) -> LibraryEntry:
+    v = CudaVersion.parse(version)
+    return LibraryEntry(cuda_library_name(v), "cuda", v, archs, ptx)
+
+
+def manifest(*libs: LibraryEntry | str) -> Manifest:
+    entries = tuple(lib(x) if isinstance(x, str) else x for x in libs)
+    return Manifest("manifest.json", (CPU, *entries), "0.1.0", 1)
+
+
+def probes(torch_cuda: Optional[str] = None, driver: Optional[str] = None,
+           caps: tuple[tuple[int, int], ...] = ((8, 0),), hip: Optional[str] = None,
+           driver_error: Optional[str] = None) -> Probes:
+    t = TorchProbe(True, "2.13.0", CudaVersion.parse(torch_cuda) if torch_cuda else None, hip,
+                   len(caps) if (torch_cuda and driver) or hip else 0)
+    if driver is None:
+        d = DriverProbe(False, error="libcuda.so.1: cannot open shared object file")
+    else:
+        devices = tuple(Device(i, f"GPU{i}", cap) for i, cap in enumerate(caps))
+        d = DriverProbe(True, "libcuda.so.1", CudaVersion.parse(driver), devices, driver_error)
+    return Probes(t, d)
+
+
+@dataclass
+class Case:
+    id: str
+    probes: Probes
+    manifest: Manifest
+    env: dict[str, str] = field(default_factory=dict)
+    backend: str = "cuda"
+    file: Optional[str] = None
+    exact: bool = False
+    reason: tuple[str, ...] = ()
+    """Substrings of the reason."""
+    verdicts: dict[str, str] = field(default_factory=dict)
+    """file -> substring of the candidate's why; "taken:" prefix for the taken one."""
+    fallbacks: tuple[str, ...] = ()
+    warn: bool = False
+
+
+CASES = [
+    Case("exact-torch-match", probes("12.4", "12.4"), manifest("11.8", "12.4", "13.0"),
+         file="libkbit_cuda124.so", exact=True,
+         reason=("using libkbit_cuda124.so: exact match of torch's CUDA 12.4", "sm_80"),
+         verdicts={"libkbit_cuda124.so": "taken:exact match",
+                   "libkbit_cuda118.so": "major 11 differs from torch's CUDA 12.4",
+                   "libkbit_cuda130.so": "major 13 differs from torch's CUDA 12.4"}),
+    # torch 12.4 on a 12.4 driver, an A100, and no 12.4 library: 12.5 needs a newer driver, 11.8 and
+    # 13.0 are another major than torch's runtime, so nothing runs: CUDA tensors get no library.
+    Case("no-same-major-library-old-enough", probes("12.4", "12.4"), manifest("11.8", "12.5", "13.0"),
+         backend="cpu", file="libkbit_cpu.so", warn=True,
+         reason=("no bundled CUDA library runs on torch CUDA 12.4 with driver CUDA 12.4 "
+                 "(bundled: 11.8, 12.5, 13.0): using the CPU library; update the NVIDIA driver to ≥ 555 "
+                 "or build from source with `nox -s build -- --cuda 12.4`",),
+         verdicts={"libkbit_cuda125.so": "CUDA 12.5 > driver CUDA 12.4 (needs NVIDIA driver ≥ 555)",
+                   "libkbit_cuda118.so": "major 11 differs", "libkbit_cuda130.so": "major 13 differs"}),
+    Case("highest-same-major-at-most-driver", probes("12.4", "12.6"),
+         manifest("11.8", "12.2", "12.5", "12.8", "13.0"),
+         file="libkbit_cuda125.so", exact=False, warn=True, fallbacks=("libkbit_cuda122.so",),
+         reason=("no bundled CUDA 12.4 library, CUDA 12.5 is the highest bundled 12.x",),
+         verdicts={"libkbit_cuda125.so": "taken:highest usable CUDA 12.x ≤ driver CUDA 12.6",
+                   "libkbit_cuda122.so": "usable, but libkbit_cuda125.so is preferred",
+                   "libkbit_cuda128.so": "CUDA 12.8 > driver CUDA 12.6 (needs NVIDIA driver ≥ 570)"}),
+    Case("exact-preferred-over-higher", probes("12.4", "12.9"), manifest("12.4", "12.8"),
+         file="libkbit_cuda124.so", exact=True, fallbacks=("libkbit_cuda128.so",)),
+    Case("driver-older-than-every-library", probes(None, "11.4"), manifest("11.8", "12.4", "12.5", "13.0"),
+         backend="cpu", file="libkbit_cpu.so", warn=True,
+         reason=("no bundled CUDA library runs on driver CUDA 11.4 (bundled: 11.8, 12.4, 12.5, 13.0): using the "
+                 "CPU library; update the NVIDIA driver to ≥ 520 or build from source with "
+                 "`nox -s build -- --cuda 11.4`",)),
+    Case("no-driver", probes("12.4", None), manifest("12.4"), backend="cpu", file="libkbit_cpu.so",
+         reason=("no NVIDIA driver found (libcuda.so.1: cannot open shared object file)", "install the NVIDIA driver"),
+         verdicts={"libkbit_cuda124.so": "no NVIDIA driver"}),
+    Case("cpu-only-torch-uses-driver-version", probes(None, "12.4", caps=((8, 6),)), manifest("12.4", "13.0"),
+         file="libkbit_cuda124.so", exact=True, reason=("exact match of the driver's CUDA 12.4",)),
+    Case("no-visible-device", probes("12.4", "12.4", caps=()), manifest("12.4"), backend="cpu",
+         file="libkbit_cpu.so", reason=("no CUDA device is visible", "CUDA_VISIBLE_DEVICES")),
+    Case("cuinit-failed", probes("12.4", "12.4", caps=(), driver_error="cuInit failed: CUDA_ERROR_NO_DEVICE (100)"),
+         manifest("12.4"), backend="cpu", file="libkbit_cpu.so",
+         reason=("no usable device (cuInit failed: CUDA_ERROR_NO_DEVICE (100))",)),
+    Case("rocm-torch", probes(None, None, hip="6.2"), manifest("12.4"), backend="cpu", file="libkbit_cpu.so",
+         warn=True, reason=("torch is a ROCm build (HIP 6.2)",)),
+    # Blackwell sm_120: no cubin, but PTX compute_90 JIT-compiles for it.
+    Case("ptx-covers-newer-gpu", probes("12.8", "12.8", caps=((12, 0),)), manifest("12.8"),
+         file="libkbit_cuda128.so", exact=True),
+    Case("no-code-for-gpu", probes("12.8", "12.8", caps=((12, 0),)), manifest(lib("12.8", ptx=())),
+         backend="cpu", file="libkbit_cpu.so", warn=True, reason=("sm_120 not covered",),
+         verdicts={"libkbit_cuda128.so": "no cubin or PTX runs on sm_120 (GPU 0 GPU0)"}),
+    Case("every-device-must-be-covered", probes("12.4", "12.4", caps=((8, 0), (6, 1))),
+         manifest(lib("12.4", ptx=()), lib("12.2", archs=("61", "80"), ptx=())),
+         file="libkbit_cuda122.so", warn=True,
+         verdicts={"libkbit_cuda124.so": "no cubin or PTX runs on sm_61 (GPU 1 GPU1)"}),
+    # Overrides.
+    Case("backend-cpu", probes("12.4", "12.4"), manifest("12.4"), env={"KBIT_BACKEND": "cpu"}, backend="cpu",
+         file="libkbit_cpu.so", reason=("KBIT_BACKEND=cpu",), verdicts={"libkbit_cuda124.so": "KBIT_BACKEND=cpu"}),
+    Case("backend-auto-spelled-out", probes("12.4", "12.4"), manifest("12.4"), env={"KBIT_BACKEND": " Auto "},
+         file="libkbit_cuda124.so", exact=True),
+    Case("cuda-version-short", probes("12.4", "12.6"), manifest("12.4", "12.6"), env={"KBIT_CUDA_VERSION": "126"},
+         file="libkbit_cuda126.so", warn=True, reason=("KBIT_CUDA_VERSION=12.6: using libkbit_cuda126.so",),
+         verdicts={"libkbit_cuda126.so": "taken:KBIT_CUDA_VERSION", "libkbit_cuda124.so": "KBIT_CUDA_VERSION=12.6"}),
+    Case("cuda-version-dotted", probes("12.4", "12.6"), manifest("12.4", "12.6"), env={"KBIT_CUDA_VERSION": "12.4"},
+         file="libkbit_cuda124.so", exact=True),
+    Case("cuda-version-forced-past-driver", probes("12.4", "12.4"), manifest("12.4", "12.8"),
+         env={"KBIT_CUDA_VERSION": "12.8"}, file="libkbit_cuda128.so", warn=True,
+         reason=("although it may not run here (CUDA 12.8 > driver CUDA 12.4",)),
+    Case("library-path", probes(None, None), manifest("12.4"), env={"KBIT_LIBRARY": "/opt/kbit/libkbit_cuda124.so"},
+         file="/opt/kbit/libkbit_cuda124.so", warn=True, reason=("without checking",)),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_select(case: Case) -> None:
+    d = select(case.probes, case.manifest, case.env)
+    assert (d.backend, d.file, d.exact) == (case.backend, case.file, case.exact), d.reason
+    for text in case.reason:
+        assert text in d.reason
+    assert "\n" not in d.reason
+    assert d.warn == case.warn
+    assert d.fallbacks == case.fallbacks
+    by_file = {c.file: c for c in d.candidates}
+    assert set(by_file) == {e.file for e in case.manifest.cuda_libraries}
+    assert sum(c.verdict == "taken" for c in d.candidates) == (1 if d.backend == "cuda" and not d.override == "KBIT_LIBRARY" else 0)
+    for file, why in case.verdicts.items():
+        verdict = "taken" if why.startswith("taken:") else "rejected"
+        assert by_file[file].verdict == verdict
+        assert why.removeprefix("taken:") in by_file[file].why
+
+
+BAD_ENVS = [
+    ({"KBIT_BACKEND": "gpu"}, "KBIT_BACKEND='gpu' is not one of auto, cpu, cuda"),
+    ({"KBIT_CUDA_VERSION": "12.3"}, "CUDA 12.3 is not bundled (bundled: 11.8, 12.4, 13.0"),
+    ({"KBIT_CUDA_VERSION": "twelve"}, "KBIT_CUDA_VERSION='twelve' is not a CUDA version: use e.g. '12.4' or '124'"),
+    ({"KBIT_CUDA_VERSION": "12.4", "KBIT_BACKEND": "nope"}, "KBIT_BACKEND='nope'"),
+]
+
+
+@pytest.mark.parametrize("env,message", BAD_ENVS, ids=[m[:20] for _, m in BAD_ENVS])
+def test_bad_override_is_a_config_error(env: dict[str, str], message: str) -> None:
+    with pytest.raises(KbitConfigError) as info:
+        select(probes("12.4", "12.4"), manifest("11.8", "12.4", "13.0"), env)
+    assert message in str(info.value)
+    assert isinstance(info.value, ValueError)
+
+
+def test_backend_cuda_refuses_to_fall_back() -> None:
+    with pytest.raises(KbitConfigError, match="KBIT_BACKEND=cuda but no NVIDIA driver found"):
+        select(probes("12.4", None), manifest("12.4"), {"KBIT_BACKEND": "cuda"})
+
+
+def test_bad_manifest_is_reported() -> None:
+    broken = Manifest("/x/manifest.json", error="/x/manifest.json is missing: reinstall kbit")
+    with pytest.raises(KbitManifestError, match="missing: reinstall kbit"):
+        select(probes("12.4", "12.4"), broken, {})
+
+
+@pytest.mark.parametrize(
+    "archs,ptx,capability,runs",
+    [
+        (("80",), (), (8, 0), True),
+        (("80",), (), (8, 6), True),  # a cubin runs on later minors of its major
+        (("86",), (), (8, 0), False),
+        (("80",), (), (9, 0), False),  # ... but not on another major
+        ((), ("80",), (9, 0), True),  # PTX JIT-compiles for any later device
+        ((), ("90",), (8, 9), False),
+        (("90a",), (), (9, 0), True),  # arch-specific: that device only
+        ((), ("90a",), (10, 0), False),
+        (("100f",), (), (10, 3), True),  # family-specific: later minors of its major
+        (("sm_75",), ("compute_90",), (7, 5), True),
+    ],
+)
+def test_covers(archs: tuple[str, ...], ptx: tuple[str, ...], capability: tuple[int, int], runs: bool) -> None:
+    assert covers(LibraryEntry("x.so", "cuda", CudaVersion(12, 8), archs, ptx), capability) is runs
+
+
+def test_min_driver_table_rises_with_cuda() -> None:
+    versions = sorted(MIN_DRIVER)
+    assert [MIN_DRIVER[v] for v in versions] == sorted(MIN_DRIVER[v] for v in versions)
+
+
+MANIFEST = {
+    "schema": 1, "kbit_version": "0.1.0", "abi": 1,
+    "libraries": [
+        {"file": "libkbit_cpu.so", "backend": "cpu", "cuda": None, "archs": [], "ptx": [], "sha256": "ab",
+         "size": 123, "toolkit": None, "compiler": "gcc 12.2.0"},
+        {"file": "libkbit_cuda124.so", "backend": "cuda", "cuda": "12.4", "archs": ["70", "80", "90"],
+         "ptx": ["90"], "sha256": "cd", "size": 456,
+         "toolkit": {"source": "container:debian", "version": "12.4.131~12.4.1-2", "image": "kbit-build:cu124"},
+         "compiler": "nvcc 12.4.131", "host_compiler": "g++-13 13.3.0"},
+    ],
+}
+
+
+def test_parse_manifest() -> None:
+    m = parse_manifest(json.dumps(MANIFEST))
+    assert m.ok and m.abi == 1 and m.kbit_version == "0.1.0"
+    assert [e.file for e in m.cuda_libraries] == ["libkbit_cuda124.so"]
+    e = m.entry("libkbit_cuda124.so")
+    assert e is not None and e.cuda == CudaVersion(12, 4) and e.archs == ("70", "80", "90") and e.ptx == ("90",)
+    assert e.toolkit == "12.4.131~12.4.1-2 from container:debian" and e.size == 456
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("{", "corrupt"),
+        ("[]", "not an object"),
+        (json.dumps({**MANIFEST, "schema": 2}), "schema 2 is not 1"),
+        (json.dumps({**MANIFEST, "libraries": [{"file": "libkbit_cuda124.so", "backend": "cuda"}]}),
+         "without a 'cuda' version"),
+        (json.dumps({**MANIFEST, "libraries": [{"file": "../evil.so", "backend": "cpu"}]}), "must be a file name"),
+    ],
+)
+def test_corrupt_manifest_is_an_error_value(text: str, message: str) -> None:
+    m = parse_manifest(text, "/pkg/manifest.json")
+    assert not m.ok and message in (m.error or "") and "reinstall kbit" in (m.error or "")
+
+
+def test_missing_manifest(tmp_path) -> None:
+    m = probe_manifest(tmp_path)
+    assert not m.ok and "is missing" in (m.error or "")
