@@ -1,6 +1,7 @@
 # A CUDA 13.x toolkit from NVIDIA's PyPI wheels (ci/matrix.toml [row.pypi]) in a venv, laid out as a
 # CUDA root at /usr/local/cuda so CMake's CUDA language finds nvcc, headers and the static runtime.
-# Built by ci/kbit_ci/containers.py with --build-arg BASE REQUIREMENTS.
+# Built by ci/kbit_ci/containers.py with --build-arg BASE REQUIREMENTS; the build context holds the pinned
+# wheels in wheels/ (downloaded on the host), so the build itself needs no access to PyPI.
 ARG BASE=debian:bookworm-slim
 FROM ${BASE}
 
@@ -16,9 +17,11 @@ RUN set -eu; \
 
 # nvcc.profile looks for headers and libraries under $(TOP)/targets/x86_64-linux; the wheels put them
 # at $(TOP)/include and $(TOP)/lib (libcudart_static.a and libcudadevrt.a included): link them there.
+COPY wheels/ /tmp/wheels/
 RUN set -eu; \
     python3 -m venv /opt/cuda-venv; \
-    /opt/cuda-venv/bin/pip install -q --no-deps ${REQUIREMENTS}; \
+    /opt/cuda-venv/bin/pip install -q --no-index --no-deps --find-links /tmp/wheels ${REQUIREMENTS}; \
+    rm -rf /tmp/wheels; \
     cu=$(/opt/cuda-venv/bin/python -c 'import nvidia, os; print(os.path.join(nvidia.__path__[0], "cu13"))'); \
     mkdir -p "$cu/targets/x86_64-linux"; \
     ln -s ../../include "$cu/targets/x86_64-linux/include"; \

@@ -402,12 +402,31 @@ def ensure_row_image(engine: Engine, row: Row, repo: Path) -> str:
                      "--label", f"{FINGERPRINT_LABEL}={fingerprint}")
     for k, v in sorted(args.items()):
         cmd += ["--build-arg", f"{k}={v}"]
-    # The context is docker/ only: the images need no project files.
-    cmd.append(str(dockerfile.parent))
+    cmd.append(str(_build_context(row, repo)))
     with proc.step(f"image {row.image} ({'rebuild' if current is not None else 'build'})"):
         proc.run(cmd)
     prune_images(engine)
     return row.image
+
+
+def _build_context(row: Row, repo: Path) -> Path:
+    """docker/ (the images need no project files), or for PyPI rows a folder holding the pinned wheels.
+
+    The wheels are downloaded on the host, whose pip is configured for this network (index, proxy,
+    CA bundle), and installed in the image with --no-index: the image build needs no PyPI access.
+    """
+    if row.pypi is None:
+        return (repo / row.dockerfile).parent
+    from .toolkits import cache_dir
+
+    ctx = cache_dir(os.environ, repo) / "images" / row.id
+    wheels = ctx / "wheels"
+    shutil.rmtree(wheels, ignore_errors=True)
+    wheels.mkdir(parents=True)
+    with proc.step(f"wheels for {row.image}"):
+        proc.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                  "-d", wheels, *row.pypi.requirements()])
+    return ctx
 
 
 def prune_images(engine: Engine) -> None:
