@@ -176,3 +176,12 @@ def lint(session: nox.Session) -> None:
     """ruff over the Python code."""
     session.install("ruff")
     session.run("ruff", "check", "python", "ci", "tests", "benchmarks", "noxfile.py")
+
+
+@nox.session(python=PYTHON, default=False)
+def bench(session: nox.Session) -> None:
+    """Benchmarks against bitsandbytes' CPU path, on the wheel in dist/."""
+    wheel = _dist_wheel(session)
+    session.install(*TEST_DEPS)
+    session.install("--no-deps", "--force-reinstall", str(wheel))
+    session.run("python", "benchmarks/bench_blockwise.py", *session.posargs)
