@@ -123,7 +123,7 @@ def relocated_nvcc_profile() -> str:
     """nvcc.profile for Debian's nvcc unpacked anywhere: every path relative to the nvcc binary."""
     return (
         "# kbit: Debian's nvcc relocated (paths relative to this file's directory)\n"
-        "NVVMIR_LIBRARY_DIR = $(_HERE_)/../libdevice\n"
+        "NVVMIR_LIBRARY_DIR = $(_HERE_)/../nvvm/libdevice\n"
         "LD_LIBRARY_PATH += $(_HERE_)/../../x86_64-linux-gnu:\n"
         "PATH += $(_HERE_):$(_HERE_)/../../../bin:\n"
         "INCLUDES += -I$(_HERE_)/../../../include $(_SPACE_)\n"
@@ -297,11 +297,8 @@ def debian_toolkit(row: Row, cache: Path, env: Mapping[str, str]) -> Toolkit | N
             root.mkdir(parents=True)
             for deb in sorted(debs.glob("*.deb")):
                 proc.run(["dpkg-deb", "-x", deb, root], quiet=True)
-            profile = root / "usr" / "lib" / "nvidia-cuda-toolkit" / "bin" / "nvcc.profile"
-            if profile.is_symlink() or profile.exists():
-                profile.unlink()
-            profile.write_text(relocated_nvcc_profile())
             stamp.write_text(json.dumps(want))
+    _relocate_debian_toolkit(root / "usr")
     nvcc = root / "usr" / "lib" / "nvidia-cuda-toolkit" / "bin" / "nvcc"
     if not nvcc.is_file():
         raise Miss(f"{nvcc}: missing after unpacking")
@@ -314,6 +311,29 @@ def debian_toolkit(row: Row, cache: Path, env: Mapping[str, str]) -> Toolkit | N
         env={"PATH": f"{root / 'usr' / 'bin'}{os.pathsep}{env.get('PATH', os.defpath)}"},
         cmake_args=(f"-DCUDAToolkit_ROOT={root / 'usr'}",),
     )
+
+
+def _relocate_debian_toolkit(usr: Path) -> None:
+    """Make an unpacked Debian toolkit usable from where it lies, by nvcc and by CMake. Idempotent.
+
+    nvcc.profile becomes relative to nvcc; CMake wants libdevice under a path ending in nvvm/libdevice
+    (its CUDA library root) and nvlink/fatbinary beside nvcc (its toolkit root), so links put them there.
+    """
+    tk = usr / "lib" / "nvidia-cuda-toolkit"
+    profile = tk / "bin" / "nvcc.profile"
+    text = relocated_nvcc_profile()
+    if profile.is_symlink() or (profile.exists() and profile.read_text() != text):
+        profile.unlink()
+    if not profile.exists():
+        profile.write_text(text)
+    links = {tk / "nvvm" / "libdevice": Path("..", "libdevice")}
+    for tool in ("nvlink", "fatbinary", "ptxas", "cudafe++", "cuobjdump", "bin2c", "nvprune"):
+        if (usr / "bin" / tool).exists():
+            links[tk / "bin" / tool] = Path("..", "..", "..", "bin", tool)
+    for link, target in links.items():
+        if not link.is_symlink() and not link.exists():
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(target)
 
 
 PROVIDERS: tuple[tuple[str, Provider], ...] = (
