@@ -15,6 +15,8 @@ ENV DEBIAN_FRONTEND=noninteractive LANG=C.UTF-8
 
 # Add contrib/non-free (and the extra suite) on the mirror the base image already uses: the one-line
 # sources.list that debootstrap writes, or the deb822 debian.sources of the official images.
+# The extra suite (experimental) has a short Valid-Until; a snapshot mirror serves it expired, so that one
+# line skips the date check (its signature is still verified).
 RUN set -eu; \
     if [ -f /etc/apt/sources.list.d/debian.sources ]; then \
         sed -i -E '/^URIs:.*security/,/^$/b; s/^Components:.*/Components: main contrib non-free/' \
@@ -26,7 +28,8 @@ RUN set -eu; \
     fi; \
     test -n "$mirror"; \
     if [ -n "${EXTRA_SUITE}" ]; then \
-        echo "deb ${mirror} ${EXTRA_SUITE} main contrib non-free" > /etc/apt/sources.list.d/extra.list; \
+        echo "deb [check-valid-until=no] ${mirror} ${EXTRA_SUITE} main contrib non-free" \
+            > /etc/apt/sources.list.d/extra.list; \
     fi; \
     apt-get update -q; \
     apt-get install -y -q --no-install-recommends ${GXX} cmake ninja-build ca-certificates; \

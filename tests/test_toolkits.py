@@ -189,11 +189,19 @@ def test_pick_host_compiler(available, bounds, want):
 
 
 def test_debian_sources_list():
-    text = toolkits.debian_sources_list("http://m.example/debian", ["trixie", "experimental"])
+    text = toolkits.debian_sources_list("http://m.example/debian", ["trixie", "experimental"],
+                                        undated=["experimental"])
     assert text.splitlines() == [
         "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://m.example/debian trixie main contrib non-free",
-        "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://m.example/debian experimental main contrib non-free",
+        "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg check-valid-until=no] http://m.example/debian experimental main contrib non-free",
     ]
+
+
+@pytest.mark.parametrize("row", [r for r in ROWS if r.debian], ids=lambda r: r.id)
+def test_debian_pins_are_package_versions(row):
+    # A dotted TOML key (libcudart11.0 = ...) silently becomes a nested table: pins must stay flat strings.
+    assert all(isinstance(v, str) for v in row.debian.packages.values()), dict(row.debian.packages)
+    assert "nvidia-cuda-toolkit" in row.debian.packages
 
 
 def test_relocated_nvcc_profile_has_no_absolute_paths():

@@ -112,11 +112,18 @@ def pick_host_compiler(available: Mapping[str, int], bounds: tuple[int, int]) ->
     return max(fits)[2] if fits else None
 
 
-def debian_sources_list(mirror: str, suites: Sequence[str], keyring: str = DEBIAN_KEYRING) -> str:
-    """A private sources.list: the mirror's main + contrib + non-free for each suite."""
-    return "".join(
-        f"deb [signed-by={keyring}] {mirror} {s} main contrib non-free\n" for s in suites
-    )
+def debian_sources_list(
+    mirror: str, suites: Sequence[str], keyring: str = DEBIAN_KEYRING, undated: Sequence[str] = ()
+) -> str:
+    """A private sources.list: the mirror's main + contrib + non-free for each suite.
+
+    Suites in `undated` (experimental: short Valid-Until, served expired by snapshot mirrors) skip the
+    Release date check; signatures are still verified.
+    """
+    def opts(suite: str) -> str:
+        return f"signed-by={keyring}" + (" check-valid-until=no" if suite in undated else "")
+
+    return "".join(f"deb [{opts(s)}] {mirror} {s} main contrib non-free\n" for s in suites)
 
 
 def relocated_nvcc_profile() -> str:
@@ -286,7 +293,7 @@ def debian_toolkit(row: Row, cache: Path, env: Mapping[str, str]) -> Toolkit | N
         debs = cache / "debs" / row.id
         for p in (apt / "lists" / "partial", apt / "cache" / "archives" / "partial", debs):
             p.mkdir(parents=True, exist_ok=True)
-        (apt / "sources.list").write_text(debian_sources_list(mirror, suites))
+        (apt / "sources.list").write_text(debian_sources_list(mirror, suites, undated=suites[1:]))
         opts = _apt_options(apt)
         target = ["-t", d.extra_suite] if d.extra_suite else ["-t", d.suite]
         with proc.step(f"CUDA {row.cuda} from Debian {'+'.join(suites)} into {root}"):
