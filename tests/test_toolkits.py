@@ -114,7 +114,8 @@ def test_base_images():
 
 def test_build_args_are_the_rows_pins():
     a = containers.image_build_args(CU125)
-    assert a["BASE"] == "debian:trixie-slim" and a["SUITE"] == "trixie" and a["EXTRA_SUITE"] == "experimental"
+    assert a["BASE"] == f"debian:{CU125.debian.suite}-slim" and a["SUITE"] == CU125.debian.suite
+    assert a["EXTRA_SUITE"] == "experimental"
     assert a["GXX"] == "g++-13"
     assert "nvidia-cuda-toolkit=12.5.40~12.5.0-2+b1" in a["PACKAGES"].split()
     assert containers.image_build_args(CU124)["EXTRA_SUITE"] == ""
