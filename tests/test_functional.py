@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import math
 
+import kbit
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-import kbit
 from kbit import KbitNativeError, KbitNoBackendError
 from kbit import functional as F
 

@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import pytest
-
 from kbit import KbitConfigError, KbitManifestError
 from kbit._policy import MIN_DRIVER, covers, select
 from kbit._probes import (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import threading
@@ -10,9 +11,8 @@ import time
 import warnings
 from pathlib import Path
 
-import pytest
-
 import kbit
+import pytest
 from kbit import KbitConfigError, KbitLibraryError, KbitManifestError, KbitWarning
 from kbit._probes import DriverProbe, Probes, TorchProbe, probe_driver
 from kbit._versions import CudaVersion
@@ -199,7 +199,7 @@ def test_abi_mismatch_is_refused(fresh_native, tmp_path: Path) -> None:
 
 
 def test_kbit_library_override(fresh_native, cpu_lib: Path) -> None:
-    with pytest.raises(KbitConfigError, match="KBIT_LIBRARY=/nonexistent/libkbit_cuda124.so: no such file"):
+    with pytest.raises(KbitConfigError, match=re.escape("KBIT_LIBRARY=/nonexistent/libkbit_cuda124.so: no such file")):
         fresh_native._load("cuda", env={"KBIT_LIBRARY": "/nonexistent/libkbit_cuda124.so"}, probes=NO_DRIVER)
     load = fresh_native._load("cuda", env={"KBIT_LIBRARY": str(cpu_lib)}, probes=NO_DRIVER)
     assert load.library is not None and load.library.path == str(cpu_lib)

@@ -67,7 +67,7 @@ def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bi
     return torch.tensor(sorted(values), dtype=torch.float32)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _default_code(device: torch.device) -> torch.Tensor:
     return create_dynamic_map().to(device)
 
