@@ -15,8 +15,8 @@ ENV DEBIAN_FRONTEND=noninteractive LANG=C.UTF-8
 
 # Add contrib/non-free (and the extra suite) on the mirror the base image already uses: the one-line
 # sources.list that debootstrap writes, or the deb822 debian.sources of the official images.
-# The extra suite (experimental) has a short Valid-Until; a snapshot mirror serves it expired, so that one
-# line skips the date check (its signature is still verified).
+# sid and experimental carry a short Valid-Until that a snapshot mirror serves expired: the date check is
+# skipped (signatures are still verified; the pins fix what gets installed).
 RUN set -eu; \
     if [ -f /etc/apt/sources.list.d/debian.sources ]; then \
         sed -i -E '/^URIs:.*security/,/^$/b; s/^Components:.*/Components: main contrib non-free/' \
@@ -31,7 +31,7 @@ RUN set -eu; \
         echo "deb [check-valid-until=no] ${mirror} ${EXTRA_SUITE} main contrib non-free" \
             > /etc/apt/sources.list.d/extra.list; \
     fi; \
-    apt-get update -q; \
+    apt-get -o Acquire::Check-Valid-Until=false update -q; \
     apt-get install -y -q --no-install-recommends ${GXX} cmake ninja-build ca-certificates; \
     apt-get install -y -q --no-install-recommends ${EXTRA_SUITE:+-t ${EXTRA_SUITE}} ${PACKAGES}; \
     rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*.deb; \

@@ -293,7 +293,8 @@ def debian_toolkit(row: Row, cache: Path, env: Mapping[str, str]) -> Toolkit | N
         debs = cache / "debs" / row.id
         for p in (apt / "lists" / "partial", apt / "cache" / "archives" / "partial", debs):
             p.mkdir(parents=True, exist_ok=True)
-        (apt / "sources.list").write_text(debian_sources_list(mirror, suites, undated=suites[1:]))
+        (apt / "sources.list").write_text(debian_sources_list(
+            mirror, suites, undated=[s for s in suites if s in ("sid", "unstable", "experimental")]))
         opts = _apt_options(apt)
         target = ["-t", d.extra_suite] if d.extra_suite else ["-t", d.suite]
         with proc.step(f"CUDA {row.cuda} from Debian {'+'.join(suites)} into {root}"):
