@@ -16,7 +16,7 @@ if str(REPO / "python") not in sys.path:  # as kbit_ci does: an installed kbit w
 
 from kbit._versions import CudaVersion  # noqa: E402
 from kbit_ci import containers, toolkits  # noqa: E402  (puts python/ on sys.path)
-from kbit_ci.build_row import build_dir, cmake_args, container_kind  # noqa: E402
+from kbit_ci.build_row import build_dir, c_compiler_for, cmake_args, container_kind  # noqa: E402
 from kbit_ci.errors import ToolkitUnavailable  # noqa: E402
 from kbit_ci.matrix import load_matrix, select_rows  # noqa: E402
 
@@ -249,6 +249,12 @@ def test_cmake_args():
     assert "-DKBIT_CPU=OFF" in args and "-DKBIT_CUDA=ON" in args
     assert f"-DKBIT_CUDA_ARCHS={CU124.cmake_archs}" in args
     assert "-DKBIT_SOURCE_REVISION=abc123" in args and "-DCMAKE_CUDA_HOST_COMPILER=g++-13" in args
+
+
+@pytest.mark.parametrize(("gxx", "gcc"), [("g++-13", "gcc-13"), ("/usr/bin/g++-12", "/usr/bin/gcc-12"), ("g++", "gcc")])
+def test_c_compiler_for(gxx, gcc):
+    assert c_compiler_for(gxx) == gcc
+    assert f"-DCMAKE_C_COMPILER={gcc}" in cmake_args(CU124, revision="r", host_compiler=gxx)
 
 
 def test_build_dirs_do_not_mix_container_and_host(tmp_path):

@@ -22,7 +22,16 @@ from .errors import BuildError, CommandError, ToolkitUnavailable
 from .matrix import Row
 from .toolkits import find_host_compiler, find_toolkit, parse_nvcc_version, system_toolkit
 
-__all__ = ["BuiltLibrary", "Mode", "available_rows", "build_dir", "build_row", "cmake_args", "resolve_mode"]
+__all__ = [
+    "BuiltLibrary",
+    "Mode",
+    "available_rows",
+    "build_dir",
+    "build_row",
+    "c_compiler_for",
+    "cmake_args",
+    "resolve_mode",
+]
 
 Mode = Literal["auto", "container", "host"]
 
@@ -51,8 +60,18 @@ def cmake_args(row: Row, *, revision: str, host_compiler: str, extra: Sequence[s
         f"-DKBIT_CUDA_ARCHS={row.cmake_archs}",
         f"-DKBIT_SOURCE_REVISION={revision}",
         f"-DCMAKE_CUDA_HOST_COMPILER={host_compiler}",
+        # The same g++ for the C/C++ parts: images may carry only g++-N (no c++/cc) and nvcc's host
+        # objects must match the link.
+        f"-DCMAKE_CXX_COMPILER={host_compiler}",
+        f"-DCMAKE_C_COMPILER={c_compiler_for(host_compiler)}",
         *extra,
     ]
+
+
+def c_compiler_for(gxx: str) -> str:
+    """gcc-13 for g++-13, /usr/bin/gcc-12 for /usr/bin/g++-12."""
+    head, _, name = gxx.rpartition("/")
+    return (head + "/" if head else "") + name.replace("g++", "gcc", 1)
 
 
 def build_dir(repo: Path, row: Row, mode: Literal["container", "host"]) -> Path:
