@@ -11,16 +11,21 @@ import json
 import os
 import platform
 import sys
-from dataclasses import asdict
+from dataclasses import fields, is_dataclass
 from typing import Any, Optional
 
 from . import __version__, _native
 from ._errors import KbitError
 from ._probes import Probes, probe_all, probe_manifest
+from ._versions import CudaVersion
 
 
 def _plain(value: Any) -> Any:
     """JSON-ready: CudaVersion and tuples become strings and lists."""
+    if isinstance(value, CudaVersion):
+        return str(value)
+    if is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in fields(value)}
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -39,9 +44,9 @@ def report(env: Optional[dict[str, str]] = None, probes: Optional[Probes] = None
         "package_dir": str(_native.PACKAGE_DIR),
         "platform": platform.platform(),
         "python": sys.version.split()[0],
-        "torch": _plain(asdict(probes.torch)),
-        "driver": _plain(asdict(probes.driver)),
-        "manifest": _plain(asdict(manifest)),
+        "torch": _plain(probes.torch),
+        "driver": _plain(probes.driver),
+        "manifest": _plain(manifest),
         "overrides": {k: v for k, v in env.items() if k in ("KBIT_BACKEND", "KBIT_CUDA_VERSION", "KBIT_LIBRARY")},
     }
     errors = []
@@ -57,7 +62,7 @@ def report(env: Optional[dict[str, str]] = None, probes: Optional[Probes] = None
         out["decision"] = {
             "backend": d.backend, "file": d.file, "exact": d.exact, "override": d.override,
             "reason": load.reason,
-            "candidates": [asdict(c) for c in d.candidates],
+            "candidates": [_plain(c) for c in d.candidates],
             "fallbacks": list(d.fallbacks),
             "loaded": None if load.library is None else load.library.path,
             "failures": [{"file": f, "why": w} for f, w in load.failures],
