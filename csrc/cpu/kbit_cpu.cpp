@@ -10,8 +10,6 @@
 #include <math.h>
 #include <stdlib.h>
 
-#define KBIT_BUILD_BACKEND "cpu"
-#include "build_info.h"
 #include "kbit.h"
 #include "kbit_common.h"
 #include "kbit_math.h"
@@ -136,10 +134,6 @@ using namespace kbit;
 extern "C" {
 
 KBIT_API int kbit_abi_version(void) { return KBIT_ABI_VERSION; }
-
-static constexpr build_info::Text kBuildInfo = build_info::make();
-
-KBIT_API const char* kbit_build_info(void) { return kBuildInfo.s; }
 
 KBIT_API const char* kbit_status_string(int status) {
   const char* s = kbit_own_status_string(status);
