@@ -10,6 +10,7 @@ the time of copying the same bytes (memcpy of the input).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import time
@@ -49,13 +50,13 @@ def main() -> int:
     rows = []
     for blocksize in (64, 4096):
         codes, state = F.quantize_blockwise(A, blocksize=blocksize)
-        kq = median_ms(lambda: F.quantize_blockwise(A, blocksize=blocksize), args.repeat)
-        kd = median_ms(lambda: F.dequantize_blockwise(codes, state), args.repeat)
+        kq = median_ms(functools.partial(F.quantize_blockwise, A, blocksize=blocksize), args.repeat)
+        kd = median_ms(functools.partial(F.dequantize_blockwise, codes, state), args.repeat)
         bq = bd = None
         if bnb is not None:
             bcodes, bstate = bnb.quantize_blockwise(A, blocksize=blocksize)
-            bq = median_ms(lambda: bnb.quantize_blockwise(A, blocksize=blocksize), args.repeat)
-            bd = median_ms(lambda: bnb.dequantize_blockwise(bcodes, bstate), args.repeat)
+            bq = median_ms(functools.partial(bnb.quantize_blockwise, A, blocksize=blocksize), args.repeat)
+            bd = median_ms(functools.partial(bnb.dequantize_blockwise, bcodes, bstate), args.repeat)
         rows.append(("quantize", blocksize, kq, bq))
         rows.append(("dequantize", blocksize, kd, bd))
 
