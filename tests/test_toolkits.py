@@ -289,3 +289,16 @@ def test_matrix_query_unknown_version():
 def test_rows_are_frozen():
     with pytest.raises(AttributeError):
         replace(CU124).cuda = CudaVersion(1, 0)  # type: ignore[misc]
+
+
+def test_a_changed_compiler_configures_from_scratch():
+    from kbit_ci.build_row import stale_cache_reason
+
+    cache = "CMAKE_CXX_COMPILER:FILEPATH=/usr/bin/c++\nCMAKE_CUDA_HOST_COMPILER:STRING=g++-13\nKBIT_CUDA:BOOL=ON\n"
+    assert stale_cache_reason(cache, ["-DCMAKE_CXX_COMPILER=g++-13", "-DKBIT_CUDA=ON"]) == (
+        "CMAKE_CXX_COMPILER was /usr/bin/c++, now g++-13"
+    )
+    # The same compiler, spelled as a path or a name, keeps the cache (and the fast no-op rebuild).
+    same = "CMAKE_CXX_COMPILER:FILEPATH=/usr/bin/g++-13\n"
+    assert stale_cache_reason(same, ["-DCMAKE_CXX_COMPILER=g++-13", "-DKBIT_CUDA_ARCHS=70-real"]) is None
+    assert stale_cache_reason("", ["-DCMAKE_CXX_COMPILER=g++-13"]) is None

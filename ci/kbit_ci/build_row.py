@@ -149,10 +149,60 @@ def _git_revision(repo: Path) -> str:
         return "unknown"
 
 
-def _library(row: Row, build: Path) -> Path:
+def _cached_value(cache_text: str, name: str) -> str | None:
+    for line in cache_text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key.split(":", 1)[0] == name:
+            return value
+    return None
+
+
+def stale_cache_reason(cache_text: str, args: Sequence[str]) -> str | None:
+    """Why an existing CMakeCache.txt must not be reused for a configure with `args`, or None.
+
+    CMake answers a changed compiler by wiping its cache and configuring again *without* the -D
+    values of the command line: the re-run would quietly build without KBIT_CUDA. So a build dir
+    whose cached compilers differ from the wanted ones is configured from scratch instead.
+    """
+    for arg in args:
+        name, sep, wanted = arg.removeprefix("-D").partition("=")
+        if not arg.startswith("-D") or not sep or not name.endswith("_COMPILER"):
+            continue
+        cached = _cached_value(cache_text, name.split(":", 1)[0])
+        if cached is not None and cached != wanted and Path(cached).name != Path(wanted).name:
+            return f"{name} was {cached}, now {wanted}"
+    return None
+
+
+def _prepare_build_dir(build: Path, row: Row, args: Sequence[str]) -> None:
+    """Keep the build dir for fast rebuilds, but never let it hand back a stale library."""
+    build.mkdir(parents=True, exist_ok=True)
+    cache = build / "CMakeCache.txt"
+    if cache.is_file():
+        why = stale_cache_reason(cache.read_text(errors="replace"), args)
+        if why:
+            proc.log(f"CUDA {row.cuda}: configuring {build} from scratch ({why})")
+            cache.unlink()
+            shutil.rmtree(build / "CMakeFiles", ignore_errors=True)
+    # The output is removed first: a build that silently produced nothing cannot pass off an old file.
+    (build / row.library).unlink(missing_ok=True)
+
+
+def _library(row: Row, build: Path, revision: str) -> Path:
+    """The freshly built library, checked: the row's archs and PTX, this revision."""
+    from kbit._elf import read_elf
+
     lib = build / row.library
     if not lib.is_file():
         raise BuildError(f"CUDA {row.cuda}: the build finished but {lib} is missing")
+    fat = read_elf(lib).fatbin
+    if list(fat.cubin) != list(row.archs) or list(fat.ptx) != [row.ptx]:
+        raise BuildError(
+            f"CUDA {row.cuda}: {lib.name} carries cubins {list(fat.cubin)} and PTX {list(fat.ptx)}, "
+            f"the matrix row says {list(row.archs)} + PTX {row.ptx}"
+        )
+    if f'"revision":"{revision}"'.encode() not in lib.read_bytes():
+        raise BuildError(f"CUDA {row.cuda}: {lib.name} does not carry revision {revision}: a stale build")
     return lib
 
 
@@ -184,16 +234,14 @@ def _build_in_container(row: Row, repo: Path, jobs: int, revision: str) -> Built
     kind = container_kind(row)
     version = fields.get("pkg") or nvcc_full
     build = build_dir(repo, row, "container")
-    build.mkdir(parents=True, exist_ok=True)
+    args = cmake_args(row, revision=revision, host_compiler=gxx)
+    _prepare_build_dir(build, row, args)
     user = None if os.getuid() == 0 else f"{os.getuid()}:{os.getgid()}"
-    cmd = containers.compile_command(
-        engine, image, src=repo, build=build, jobs=jobs, user=user,
-        cmake_args=cmake_args(row, revision=revision, host_compiler=gxx),
-    )
+    cmd = containers.compile_command(engine, image, src=repo, build=build, jobs=jobs, user=user, cmake_args=args)
     with proc.step(f"compile CUDA {row.cuda} in {image}"):
         proc.run(cmd)
     return BuiltLibrary(
-        path=_library(row, build), row=row, toolkit_source=f"container:{kind}", toolkit_version=version,
+        path=_library(row, build, revision), row=row, toolkit_source=f"container:{kind}", toolkit_version=version,
         image=image, compiler=nvcc_line, host_compiler=f"{gxx} {fields.get('gxx', '?')}",
         seconds=time.monotonic() - t0,
     )
@@ -203,15 +251,15 @@ def _build_on_host(row: Row, repo: Path, jobs: int, revision: str) -> BuiltLibra
     t0 = time.monotonic()
     tk = find_toolkit(row)
     build = build_dir(repo, row, "host")
-    build.mkdir(parents=True, exist_ok=True)
     generator = ["-G", "Ninja"] if shutil.which("ninja") else []
     args = cmake_args(row, revision=revision, host_compiler=tk.host_compiler.path,
                       extra=[f"-DCMAKE_CUDA_COMPILER={tk.nvcc}", *tk.cmake_args])
+    _prepare_build_dir(build, row, args)
     with proc.step(f"compile CUDA {row.cuda} with {tk.source} toolkit {tk.version}"):
         proc.run(["cmake", "-S", repo, "-B", build, *generator, *args], env=dict(tk.env))
         proc.run(["cmake", "--build", build, f"-j{jobs}"], env=dict(tk.env))
     return BuiltLibrary(
-        path=_library(row, build), row=row, toolkit_source=f"host:{tk.source}", toolkit_version=tk.version,
+        path=_library(row, build, revision), row=row, toolkit_source=f"host:{tk.source}", toolkit_version=tk.version,
         image=None, compiler=tk.nvcc_version, host_compiler=str(tk.host_compiler),
         seconds=time.monotonic() - t0,
     )
