@@ -31,7 +31,7 @@ PYTHON = "3.11"
 DIST = REPO / "dist"
 STAGE = REPO / "build" / "stage"
 TORCH = "torch==2.13.0"  # the CPU build; an unpinned torch pulls a multi-GB CUDA build
-TEST_DEPS = [TORCH, "bitsandbytes==0.50.2", "numpy", "pytest>=8", "hypothesis>=6"]
+TEST_DEPS = [TORCH, "bitsandbytes==0.50.2", "numpy", "pytest>=8", "hypothesis>=6", "scikit-build-core>=0.10"]
 
 
 def _build_args(posargs: list[str]) -> argparse.Namespace:
