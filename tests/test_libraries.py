@@ -164,3 +164,9 @@ def test_fatbin_reader_on_synthetic_containers():
     fat = fatbin_archs(section)
     assert fat.cubin == ("75", "90") and fat.ptx == ("120",)
     assert fatbin_archs(b"") == fatbin_archs(b"\0" * 64)
+
+
+def test_runtime_binds_every_function_of_the_abi():
+    from kbit import _native
+
+    assert set(_native._SIGNATURES) == header_abi()
