@@ -53,14 +53,14 @@ KBIT_HD uint16_t kbit_f32_to_bf16(float f) {
 }
 
 KBIT_HD float kbit_f16_to_f32(uint16_t h) {
+  /* Branch-free, so loops over it vectorize: the magnitude bits moved into float32 position and
+   * scaled by 2^112 re-bias the exponent, exactly, for normals and subnormals alike; inf and NaN
+   * (payload kept) take the all-ones exponent. */
   uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
-  uint32_t exp = (h >> 10) & 0x1fu;
-  uint32_t man = h & 0x3ffu;
-  if (exp == 0x1fu) return kbit_bits_f32(sign | 0x7f800000u | (man << 13)); /* inf / NaN */
-  if (exp != 0) return kbit_bits_f32(sign | ((exp + 112u) << 23) | (man << 13));
-  /* zero or subnormal: man * 2^-24, exact in float32 */
-  float mag = (float)man * 5.9604644775390625e-8f;
-  return sign ? -mag : mag;
+  uint32_t em = h & 0x7fffu;
+  uint32_t scaled = kbit_f32_bits(kbit_bits_f32(em << 13) * 5.192296858534828e33f /* 2^112 */);
+  uint32_t special = (em << 13) | 0x7f800000u;
+  return kbit_bits_f32(sign | (em >= 0x7c00u ? special : scaled));
 }
 
 /* Round to nearest even, overflow to inf, subnormals handled; NaN stays NaN. */

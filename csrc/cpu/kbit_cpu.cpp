@@ -20,6 +20,8 @@ namespace {
 
 /* Below this many values the table costs more than it saves. */
 const int64_t kGridTableMinValues = 32768;
+/* Values per pass of the two-pass quantize loop (an int32 bucket per value on the stack). */
+const int64_t kQuantizeChunk = 512;
 /* Values per parallel chunk, so thread starts are amortized. */
 const int64_t kValuesPerChunk = 65536;
 
@@ -66,22 +68,26 @@ struct QuantizeJob {
 
 template <typename L>
 float block_absmax(const void* A, int64_t start, int64_t len) {
-  /* 8 independent partial maxima: vectorizes without reassociation flags. NaN never wins
-   * (`v > m` is false), matching bitsandbytes, which ignores NaN in absmax. */
-  float m[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  /* On the bits: for |v| the IEEE order is the integer order, so the max is an integer max, which
+   * vectorizes without fast-math flags. A NaN (bits above infinity's) counts as 0, so it never wins,
+   * matching bitsandbytes, which ignores NaN in absmax. 8 independent partial maxima. */
+  uint32_t m[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t i = 0;
   for (; i + 8 <= len; i += 8)
+#pragma GCC unroll 8
     for (int k = 0; k < 8; ++k) {
-      float v = fabsf(L::load(A, start + i + k));
-      m[k] = v > m[k] ? v : m[k];
+      uint32_t u = kbit_f32_bits(L::load(A, start + i + k)) & 0x7fffffffu;
+      u = u > 0x7f800000u ? 0u : u;
+      m[k] = u > m[k] ? u : m[k];
     }
   for (; i < len; ++i) {
-    float v = fabsf(L::load(A, start + i));
-    m[0] = v > m[0] ? v : m[0];
+    uint32_t u = kbit_f32_bits(L::load(A, start + i)) & 0x7fffffffu;
+    u = u > 0x7f800000u ? 0u : u;
+    m[0] = u > m[0] ? u : m[0];
   }
-  float r = m[0];
+  uint32_t r = m[0];
   for (int k = 1; k < 8; ++k) r = m[k] > r ? m[k] : r;
-  return r;
+  return kbit_bits_f32(r);
 }
 
 template <typename L>
@@ -95,8 +101,14 @@ void quantize_range(void* ctx, int64_t first_block, int64_t end_block) {
     float m = block_absmax<L>(job.A, start, len);
     job.absmax[b] = m;
     if (table != NULL) {
-      for (int64_t i = 0; i < len; ++i)
-        out[start + i] = table[kbit_grid_bucket(kbit_normalize(L::load(job.A, start + i), m))];
+      /* Two passes per chunk: the arithmetic (load, divide, snap to the grid) vectorizes; the
+       * table lookup is a gather, done apart so it does not keep the first pass scalar. */
+      int32_t bucket[kQuantizeChunk];
+      for (int64_t c = 0; c < len; c += kQuantizeChunk) {
+        int64_t cnt = len - c < kQuantizeChunk ? len - c : kQuantizeChunk;
+        for (int64_t k = 0; k < cnt; ++k) bucket[k] = kbit_grid_bucket(kbit_normalize(L::load(job.A, start + c + k), m));
+        for (int64_t k = 0; k < cnt; ++k) out[start + c + k] = table[bucket[k]];
+      }
     } else {
       for (int64_t i = 0; i < len; ++i) out[start + i] = kbit_quantize_value(job.code, L::load(job.A, start + i), m);
     }
