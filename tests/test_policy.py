@@ -16,6 +16,7 @@ from kbit._probes import (
     Manifest,
     Probes,
     TorchProbe,
+    driver_branch,
     parse_manifest,
     probe_manifest,
 )
@@ -37,14 +38,14 @@ def manifest(*libs: LibraryEntry | str) -> Manifest:
 
 def probes(torch_cuda: Optional[str] = None, driver: Optional[str] = None,
            caps: tuple[tuple[int, int], ...] = ((8, 0),), hip: Optional[str] = None,
-           driver_error: Optional[str] = None) -> Probes:
+           driver_error: Optional[str] = None, branch: Optional[int] = None) -> Probes:
     t = TorchProbe(True, "2.13.0", CudaVersion.parse(torch_cuda) if torch_cuda else None, hip,
                    len(caps) if (torch_cuda and driver) or hip else 0)
     if driver is None:
         d = DriverProbe(False, error="libcuda.so.1: cannot open shared object file")
     else:
         devices = tuple(Device(i, f"GPU{i}", cap) for i, cap in enumerate(caps))
-        d = DriverProbe(True, "libcuda.so.1", CudaVersion.parse(driver), devices, driver_error)
+        d = DriverProbe(True, "libcuda.so.1", CudaVersion.parse(driver), devices, driver_error, branch)
     return Probes(t, d)
 
 
@@ -67,27 +68,47 @@ class Case:
 
 CASES = [
     Case("exact-torch-match", probes("12.4", "12.4"), manifest("11.8", "12.4", "13.0"),
-         file="libkbit_cuda124.so", exact=True,
+         file="libkbit_cuda124.so", exact=True, fallbacks=("libkbit_cuda118.so",),
          reason=("using libkbit_cuda124.so: exact match of torch's CUDA 12.4", "sm_80"),
          verdicts={"libkbit_cuda124.so": "taken:exact match",
-                   "libkbit_cuda118.so": "major 11 differs from torch's CUDA 12.4",
-                   "libkbit_cuda130.so": "major 13 differs from torch's CUDA 12.4"}),
-    # torch 12.4 on a 12.4 driver, an A100, and no 12.4 library: 12.5 needs a newer driver, 11.8 and
-    # 13.0 are another major than torch's runtime, so nothing runs: CUDA tensors get no library.
-    Case("no-same-major-library-old-enough", probes("12.4", "12.4"), manifest("11.8", "12.5", "13.0"),
+                   "libkbit_cuda118.so": "usable, but libkbit_cuda124.so is preferred",
+                   "libkbit_cuda130.so": "CUDA 13.0 > driver CUDA 12.4 (needs NVIDIA driver ≥ 580)"}),
+    # torch 12.4 on a 12.4 driver (branch 550), an A100, and no 12.4 library: 12.5 runs by minor-version
+    # compatibility (an sm_80 cubin, branch ≥ 525); 11.8 (another major, driver runs it) is the fallback.
+    Case("minor-version-compatibility", probes("12.4", "12.4", branch=550), manifest("11.8", "12.5", "13.0"),
+         file="libkbit_cuda125.so", warn=True, fallbacks=("libkbit_cuda118.so",),
+         reason=("no bundled CUDA 12.4 library; minor-version compatibility: CUDA 12.5 > driver CUDA 12.4, "
+                 "driver 550 ≥ 525",),
+         verdicts={"libkbit_cuda125.so": "taken:minor-version compatibility",
+                   "libkbit_cuda130.so": "CUDA 13.0 > driver CUDA 12.4"}),
+    # The same with the branch unknown: minor-version compatibility is not assumed; 11.8 runs natively
+    # (cross-major, said so).
+    Case("branch-unknown-no-minor-compat", probes("12.4", "12.4"), manifest("11.8", "12.5", "13.0"),
+         file="libkbit_cuda118.so", warn=True,
+         reason=("cross-major: no bundled CUDA 12.x runs here; CUDA 11.8 runs ≤ driver CUDA 12.4",),
+         verdicts={"libkbit_cuda125.so": "driver branch is unknown, so minor-version compatibility is not assumed",
+                   "libkbit_cuda118.so": "taken:cross-major"}),
+    Case("minor-compat-needs-cubin", probes("12.4", "12.4", caps=((12, 0),), branch=550),
+         manifest(lib("12.5", archs=("80",), ptx=("80",))), backend="cpu", file="libkbit_cpu.so", warn=True,
+         verdicts={"libkbit_cuda125.so": "minor-version compatibility needs a cubin, and sm_120 (GPU 0 GPU0) has none"}),
+    Case("minor-compat-below-floor", probes("12.4", "12.4", branch=520), manifest("12.5"),
          backend="cpu", file="libkbit_cpu.so", warn=True,
-         reason=("no bundled CUDA library runs on torch CUDA 12.4 with driver CUDA 12.4 "
-                 "(bundled: 11.8, 12.5, 13.0): using the CPU library; update the NVIDIA driver to ≥ 555 "
-                 "or build from source with `nox -s build -- --cuda 12.4`",),
-         verdicts={"libkbit_cuda125.so": "CUDA 12.5 > driver CUDA 12.4 (needs NVIDIA driver ≥ 555)",
-                   "libkbit_cuda118.so": "major 11 differs", "libkbit_cuda130.so": "major 13 differs"}),
+         verdicts={"libkbit_cuda125.so": "driver 520 is below the CUDA 12.x minor-version compatibility floor 525"}),
+    Case("minor-compat-lowest-above-driver", probes("12.4", "12.4", branch=550), manifest("12.6", "12.5", "12.8"),
+         file="libkbit_cuda125.so", warn=True, fallbacks=("libkbit_cuda126.so", "libkbit_cuda128.so")),
+    Case("native-before-minor-compat", probes("12.4", "12.4", branch=550), manifest("12.2", "12.5"),
+         file="libkbit_cuda122.so", warn=True, fallbacks=("libkbit_cuda125.so",)),
+    Case("pascal-older-than-every-library", probes("12.4", "12.4", caps=((6, 1),)), manifest("12.4"),
+         backend="cpu", file="libkbit_cpu.so", warn=True,
+         reason=("GPU sm_61 (GPU0) is older than every bundled library (sm_70+): using the CPU library; "
+                 "build from source with `nox -s build -- --arch 61`",)),
     Case("highest-same-major-at-most-driver", probes("12.4", "12.6"),
          manifest("11.8", "12.2", "12.5", "12.8", "13.0"),
-         file="libkbit_cuda125.so", exact=False, warn=True, fallbacks=("libkbit_cuda122.so",),
+         file="libkbit_cuda125.so", exact=False, warn=True, fallbacks=("libkbit_cuda122.so", "libkbit_cuda118.so"),
          reason=("no bundled CUDA 12.4 library, CUDA 12.5 is the highest bundled 12.x",),
          verdicts={"libkbit_cuda125.so": "taken:highest usable CUDA 12.x ≤ driver CUDA 12.6",
                    "libkbit_cuda122.so": "usable, but libkbit_cuda125.so is preferred",
-                   "libkbit_cuda128.so": "CUDA 12.8 > driver CUDA 12.6 (needs NVIDIA driver ≥ 570)"}),
+                   "libkbit_cuda128.so": "CUDA 12.8 > driver CUDA 12.6 and the driver branch is unknown"}),
     Case("exact-preferred-over-higher", probes("12.4", "12.9"), manifest("12.4", "12.8"),
          file="libkbit_cuda124.so", exact=True, fallbacks=("libkbit_cuda128.so",)),
     Case("driver-older-than-every-library", probes(None, "11.4"), manifest("11.8", "12.4", "12.5", "13.0"),
@@ -100,6 +121,8 @@ CASES = [
          verdicts={"libkbit_cuda124.so": "no NVIDIA driver"}),
     Case("cpu-only-torch-uses-driver-version", probes(None, "12.4", caps=((8, 6),)), manifest("12.4", "13.0"),
          file="libkbit_cuda124.so", exact=True, reason=("exact match of the driver's CUDA 12.4",)),
+    Case("driver-13-with-only-12-libs", probes("12.4", "13.0"), manifest("12.4", "12.8"),
+         file="libkbit_cuda124.so", exact=True, fallbacks=("libkbit_cuda128.so",)),
     Case("no-visible-device", probes("12.4", "12.4", caps=()), manifest("12.4"), backend="cpu",
          file="libkbit_cpu.so", reason=("no CUDA device is visible", "CUDA_VISIBLE_DEVICES")),
     Case("cuinit-failed", probes("12.4", "12.4", caps=(), driver_error="cuInit failed: CUDA_ERROR_NO_DEVICE (100)"),
@@ -111,7 +134,7 @@ CASES = [
     Case("ptx-covers-newer-gpu", probes("12.8", "12.8", caps=((12, 0),)), manifest("12.8"),
          file="libkbit_cuda128.so", exact=True),
     Case("no-code-for-gpu", probes("12.8", "12.8", caps=((12, 0),)), manifest(lib("12.8", ptx=())),
-         backend="cpu", file="libkbit_cpu.so", warn=True, reason=("sm_120 not covered",),
+         backend="cpu", file="libkbit_cpu.so", warn=True, reason=("GPU sm_120 (GPU0) is not covered by any bundled library", "--arch 120"),
          verdicts={"libkbit_cuda128.so": "no cubin or PTX runs on sm_120 (GPU 0 GPU0)"}),
     Case("every-device-must-be-covered", probes("12.4", "12.4", caps=((8, 0), (6, 1))),
          manifest(lib("12.4", ptx=()), lib("12.2", archs=("61", "80"), ptx=())),
@@ -245,3 +268,25 @@ def test_corrupt_manifest_is_an_error_value(text: str, message: str) -> None:
 def test_missing_manifest(tmp_path) -> None:
     m = probe_manifest(tmp_path)
     assert not m.ok and "is missing" in (m.error or "")
+
+
+@pytest.mark.parametrize(
+    "lib_name,proc,branch",
+    [
+        ("libcuda.so.550.54.15", None, 550),
+        ("libcuda.so.1", "NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.183.01  Sun May 12 2024\n", 535),
+        ("libcuda.so.1", None, None),  # e.g. WSL: nothing says, so unknown, never guessed
+        ("libcuda.so.1", "garbage", None),
+    ],
+)
+def test_driver_branch(tmp_path, lib_name: str, proc: Optional[str], branch: Optional[int]) -> None:
+    real = tmp_path / lib_name
+    real.write_bytes(b"")
+    link = tmp_path / "libcuda.so.1x"
+    link.symlink_to(real.name)
+    maps = tmp_path / "maps"
+    maps.write_text(f"7f00-7f01 r-xp 00000000 08:01 42    {link}\n7f02-7f03 r-xp 00000000 08:01 43    /lib/libc.so.6\n")
+    version = tmp_path / "version"
+    if proc is not None:
+        version.write_text(proc)
+    assert driver_branch(str(maps), str(version)) == branch

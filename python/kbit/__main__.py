@@ -89,7 +89,8 @@ def _text(r: dict[str, Any]) -> str:
         lines.append(f"           note: {t['error']}")
     d = r["driver"]
     if d["found"]:
-        lines.append(f"driver     CUDA {d['version'] or 'unknown'} ({d['path']})")
+        branch = d["branch"] if d.get("branch") is not None else "unknown"
+        lines.append(f"driver     CUDA {d['version'] or 'unknown'}, branch {branch} ({d['path']})")
     else:
         lines.append(f"driver     none ({d['error']})")
     for dev in d["devices"]:

@@ -8,11 +8,18 @@ of precedence:
      default, lets the rules below decide.)
   3. `KBIT_CUDA_VERSION=12.4` (or `124`): that bundled library; one not bundled is an error.
   4. Automatic. The target is torch's CUDA version, or the driver's when torch has no CUDA. A library
-     is usable when its CUDA version has the target's major, is at most the driver's CUDA version,
-     and its cubins or PTX cover every visible device. The exact match of the target is preferred,
-     then the highest usable version; the other usable ones are fallbacks the loader tries in order
-     if the first will not load. With none usable, CUDA tensors have no library, and the reason
-     says why and how to fix it.
+     built with CUDA X.Y runs when every visible device can run its code and either
+       * the driver's CUDA version is ≥ X.Y: a cubin sm_XY covers sm_XZ (Z ≥ Y, same major; `a`
+         archs only sm_XY itself) and PTX compute_XY covers any device ≥ XY (JIT); or
+       * minor-version compatibility: the driver is of major X, its branch is at least
+         MINOR_COMPAT_FLOOR[X], and every device has a cubin (PTX from a newer toolkit cannot be
+         JIT-compiled by an older driver). When the probe cannot read the branch (e.g. WSL's
+         unversioned libcuda.so.1) this path is not taken: unknown is treated as too old.
+     Preference: the target's exact version, then the same major's highest version the driver runs
+     natively, then its lowest version above the driver that runs by minor-version compatibility,
+     then other majors (legal, since the CUDA runtime is linked statically; said in the reason).
+     The rest are fallbacks the loader tries in order if the first will not load. With none usable,
+     CUDA tensors have no library, and the one-line reason says why and how to fix it.
 
 Bad override values raise `KbitConfigError`; the loader calls `select()` at first native use only.
 """
@@ -28,7 +35,16 @@ from ._errors import KbitConfigError, KbitManifestError
 from ._probes import Device, LibraryEntry, Manifest, Probes
 from ._versions import CudaVersion, cpu_library_name
 
-__all__ = ["BACKENDS", "MIN_DRIVER", "Candidate", "Decision", "check_overrides", "covers", "select"]
+__all__ = [
+    "BACKENDS",
+    "MINOR_COMPAT_FLOOR",
+    "MIN_DRIVER",
+    "Candidate",
+    "Decision",
+    "check_overrides",
+    "covers",
+    "select",
+]
 
 BACKENDS = ("auto", "cpu", "cuda")
 
@@ -47,6 +63,11 @@ MIN_DRIVER: Mapping[CudaVersion, int] = {
     CudaVersion(13, 0): 580,
     CudaVersion(13, 1): 590,
 }
+
+# Minor-version compatibility: a library built with CUDA X.Y runs on an older driver of major X from
+# this branch on, if it needs no JIT (every device has a cubin). The floors are the first branch of
+# each major, but the policy checks the branch the probe read and never assumes it.
+MINOR_COMPAT_FLOOR: Mapping[int, int] = {11: 450, 12: 525, 13: 580}
 
 _ARCH_RE = re.compile(r"^(?:sm_|compute_)?(\d+)(\d)([af]?)$")
 
@@ -130,21 +151,43 @@ def _driver_hint(version: CudaVersion) -> str:
     return f"NVIDIA driver ≥ {branch}" if branch else f"a driver for CUDA ≥ {version}"
 
 
-def _check(entry: LibraryEntry, target: CudaVersion, target_name: str, driver: Optional[CudaVersion],
-           devices: tuple[Device, ...]) -> Optional[str]:
-    """Why the library cannot be used here, or None when it can."""
+def _cubin_covers(entry: LibraryEntry, capability: tuple[int, int]) -> bool:
+    return covers(LibraryEntry(entry.file, entry.backend, entry.cuda, entry.archs, ()), capability)
+
+
+def _names(devices: list[Device]) -> str:
+    return ", ".join(f"{d.sm} (GPU {d.index}{' ' + d.name if d.name else ''})" for d in devices)
+
+
+def _check(entry: LibraryEntry, driver: Optional[CudaVersion], branch: Optional[int],
+           devices: tuple[Device, ...]) -> tuple[Optional[str], bool]:
+    """(why the library cannot run here or None, whether it runs only by minor-version compatibility)."""
     assert entry.cuda is not None
-    if entry.cuda.major != target.major:
-        return f"CUDA {entry.cuda}: major {entry.cuda.major} differs from {target_name} {target}"
-    if driver is not None and entry.cuda > driver:
-        return f"CUDA {entry.cuda} > driver CUDA {driver} (needs {_driver_hint(entry.cuda)})"
+    compat = driver is not None and entry.cuda > driver
+    if compat:
+        assert driver is not None
+        needs = f"needs {_driver_hint(entry.cuda)}"
+        if entry.cuda.major != driver.major:
+            return f"CUDA {entry.cuda} > driver CUDA {driver} ({needs})", False
+        floor = MINOR_COMPAT_FLOOR.get(entry.cuda.major)
+        if branch is None or floor is None:
+            return (f"CUDA {entry.cuda} > driver CUDA {driver} and the driver branch is unknown, so minor-version "
+                    f"compatibility is not assumed ({needs})"), False
+        if branch < floor:
+            return (f"CUDA {entry.cuda} > driver CUDA {driver} and driver {branch} is below the CUDA "
+                    f"{entry.cuda.major}.x minor-version compatibility floor {floor} ({needs})"), False
+        missing = [d for d in devices if not _cubin_covers(entry, d.capability)]
+        if missing:
+            return (f"CUDA {entry.cuda} > driver CUDA {driver}: minor-version compatibility needs a cubin, and "
+                    f"{_names(missing)} has none (cubins {','.join(entry.archs) or '-'}; PTX from CUDA "
+                    f"{entry.cuda} cannot be JIT-compiled by this driver)"), False
+        return None, True
     missing = [d for d in devices if not covers(entry, d.capability)]
     if missing:
-        names = ", ".join(f"{d.sm} (GPU {d.index}{' ' + d.name if d.name else ''})" for d in missing)
         have = ",".join(entry.archs) or "-"
         ptx = ",".join(entry.ptx) or "-"
-        return f"no cubin or PTX runs on {names}: cubins {have}, PTX {ptx}"
-    return None
+        return f"no cubin or PTX runs on {_names(missing)}: cubins {have}, PTX {ptx}", False
+    return None, False
 
 
 def _reject_all(entries: tuple[LibraryEntry, ...], why: str) -> tuple[Candidate, ...]:
@@ -228,7 +271,7 @@ def select(probes: Probes, manifest: Manifest, env: Mapping[str, str]) -> Decisi
 
     if forced is not None:
         entry = next(e for e in entries if e.cuda == forced)
-        problem = None if target is None else _check(entry, target, target_name, driver.version, devices)
+        problem = None if target is None else _check(entry, driver.version, driver.branch, devices)[0]
         reason = f"KBIT_CUDA_VERSION={forced}: using {entry.file}"
         if problem:
             reason += f" although it may not run here ({problem})"
@@ -260,17 +303,28 @@ def select(probes: Probes, manifest: Manifest, env: Mapping[str, str]) -> Decisi
     assert target is not None  # the driver was found with devices, so its version is known
 
     usable: list[LibraryEntry] = []
+    via_compat: set[str] = set()
     rejected: dict[str, str] = {}
     for e in entries:
-        problem = _check(e, target, target_name, driver.version, devices)
-        if problem is None:
-            usable.append(e)
-        else:
+        problem, compat = _check(e, driver.version, driver.branch, devices)
+        if problem is not None:
             rejected[e.file] = problem
-    # The exact match first, then the highest version first.
-    exact = [e for e in usable if e.cuda == target]
-    others = sorted((e for e in usable if e.cuda != target), key=lambda e: e.cuda, reverse=True)  # type: ignore[arg-type,return-value]
-    order = exact + others
+            continue
+        usable.append(e)
+        if compat:
+            via_compat.add(e.file)
+    # Torch's major first: its exact version, then the highest the driver runs natively, then the
+    # lowest above the driver by minor-version compatibility; then other majors (native first).
+    same = [e for e in usable if e.cuda is not None and e.cuda.major == target.major]
+    order = (
+        [e for e in same if e.cuda == target]
+        + sorted((e for e in same if e.cuda != target and e.file not in via_compat),
+                 key=lambda e: e.cuda, reverse=True)  # type: ignore[arg-type,return-value]
+        + sorted((e for e in same if e.cuda != target and e.file in via_compat),
+                 key=lambda e: e.cuda)  # type: ignore[arg-type,return-value]
+        + sorted((e for e in usable if e not in same),
+                 key=lambda e: (e.file not in via_compat, e.cuda), reverse=True)  # type: ignore[arg-type,return-value]
+    )
 
     context = (f"torch CUDA {torch.cuda} with driver CUDA {driver.version}" if torch.cuda is not None
                else f"driver CUDA {driver.version}")
@@ -279,12 +333,24 @@ def select(probes: Probes, manifest: Manifest, env: Mapping[str, str]) -> Decisi
                             tuple(Candidate(e.file, "rejected", rejected[e.file]) for e in entries))
 
     chosen = order[0]
+    assert chosen.cuda is not None
     is_exact = chosen.cuda == target
+    branch = f"driver {driver.branch}" if driver.branch is not None else "driver branch unknown"
+    if is_exact:
+        why = f"exact match of {target_name} {target}"
+    elif chosen.cuda.major != target.major:
+        how = ("by minor-version compatibility" if chosen.file in via_compat
+               else f"≤ driver CUDA {driver.version}")
+        why = (f"cross-major: no bundled CUDA {target.major}.x runs here; CUDA {chosen.cuda} runs {how} "
+               f"(legal: kbit links its CUDA runtime statically)")
+    elif chosen.file in via_compat:
+        why = (f"minor-version compatibility: CUDA {chosen.cuda} > driver CUDA {driver.version}, {branch} ≥ "
+               f"{MINOR_COMPAT_FLOOR[chosen.cuda.major]}, and every GPU has a cubin")
+    else:
+        why = f"highest usable CUDA {target.major}.x ≤ driver CUDA {driver.version}"
     candidates = []
     for e in entries:
         if e is chosen:
-            why = (f"exact match of {target_name} {target}" if is_exact else
-                   f"highest usable CUDA {target.major}.x ≤ driver CUDA {driver.version}")
             candidates.append(Candidate(e.file, "taken", why))
         elif e.file in rejected:
             candidates.append(Candidate(e.file, "rejected", rejected[e.file]))
@@ -293,9 +359,11 @@ def select(probes: Probes, manifest: Manifest, env: Mapping[str, str]) -> Decisi
     gpus = ", ".join(sorted({d.sm for d in devices}))
     if is_exact:
         reason = f"using {chosen.file}: exact match of {target_name} {target} ({context}; GPUs {gpus})"
-    else:
+    elif chosen.cuda.major == target.major and chosen.file not in via_compat:
         reason = (f"using {chosen.file}: no bundled CUDA {target} library, CUDA {chosen.cuda} is the highest "
                   f"bundled {target.major}.x that runs on {context} (GPUs {gpus})")
+    else:
+        reason = f"using {chosen.file}: no bundled CUDA {target} library; {why} ({context}; GPUs {gpus})"
     return Decision("cuda", chosen.file, is_exact, reason, tuple(candidates),
                     tuple(e.file for e in order[1:]), gpu=gpu)
 
@@ -303,6 +371,17 @@ def select(probes: Probes, manifest: Manifest, env: Mapping[str, str]) -> Decisi
 def _no_library_reason(entries: tuple[LibraryEntry, ...], rejected: Mapping[str, str], target: CudaVersion,
                        context: str, driver: Optional[CudaVersion], devices: tuple[Device, ...]) -> str:
     bundled = [e.cuda for e in entries if e.cuda is not None]
+    orphans = [d for d in devices if not any(covers(e, d.capability) for e in entries)]
+    if orphans and entries:
+        lowest = min(((p[0], p[1]) for e in entries for a in (*e.archs, *e.ptx) if (p := _parse_arch(a))),
+                     default=(0, 0))
+        older = all(d.capability < lowest for d in orphans)
+        what = (f"older than every bundled library (sm_{lowest[0]}{lowest[1]}+)" if older
+                else "not covered by any bundled library's cubins or PTX")
+        archs = ",".join(sorted({f"{d.capability[0]}{d.capability[1]}" for d in orphans}))
+        gpus = ", ".join(f"{d.sm}{f' ({d.name})' if d.name else ''}" for d in orphans)
+        return (f"GPU {gpus} {'is' if len(orphans) == 1 else 'are'} {what}: using the CPU library; "
+                f"build from source with `nox -s build -- --arch {archs}`")
     fixes = []
     same_major = [e for e in entries if e.cuda is not None and e.cuda.major == target.major]
     newer = [e for e in same_major if driver is not None and e.cuda is not None and e.cuda > driver]

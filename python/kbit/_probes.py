@@ -17,6 +17,8 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import json
+import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +35,7 @@ __all__ = [
     "Manifest",
     "Probes",
     "TorchProbe",
+    "driver_branch",
     "parse_manifest",
     "probe_all",
     "probe_driver",
@@ -89,6 +92,10 @@ class DriverProbe:
     devices: tuple[Device, ...] = ()
     error: Optional[str] = None
     """Why the driver or its devices are unknown (e.g. cuInit's error); None when all went well."""
+    branch: Optional[int] = None
+    """The driver branch (550 for 550.54.15), from libcuda's file name or /proc/driver/nvidia/version;
+    None when neither tells (e.g. WSL's unversioned libcuda.so.1). Only minor-version compatibility
+    needs it, and the policy does not assume it when this is unknown."""
 
 
 @dataclass(frozen=True)
@@ -245,6 +252,32 @@ def _query_driver(lib: Any, path: str) -> DriverProbe:
     return DriverProbe(True, path, version, tuple(devices))
 
 
+_BRANCH_FILE_RE = re.compile(r"libcuda\.so\.(\d{3,4})\.\d+")
+_BRANCH_PROC_RE = re.compile(r"Kernel Module\s+(?:for \S+\s+)?(\d{3,4})\.\d+")
+PROC_DRIVER_VERSION = "/proc/driver/nvidia/version"
+
+
+def driver_branch(maps: str = "/proc/self/maps", proc_version: str = PROC_DRIVER_VERSION) -> Optional[int]:
+    """The loaded libcuda's branch: its real file is libcuda.so.<branch>.<minor>[.<patch>]; else the
+    kernel module's version. None when neither says (never guessed)."""
+    try:
+        with open(maps, encoding="utf-8", errors="replace") as f:
+            paths = {line.split(None, 5)[5].strip() for line in f
+                     if "libcuda.so" in line and len(line.split(None, 5)) == 6}
+    except OSError:
+        paths = set()
+    for path in sorted(paths):
+        m = _BRANCH_FILE_RE.search(os.path.basename(os.path.realpath(path)))
+        if m:
+            return int(m.group(1))
+    try:
+        with open(proc_version, encoding="utf-8", errors="replace") as f:
+            m = _BRANCH_PROC_RE.search(f.read())
+    except OSError:
+        return None
+    return int(m.group(1)) if m else None
+
+
 def probe_driver(libraries: tuple[str, ...] = DRIVER_LIBRARIES) -> DriverProbe:
     """The NVIDIA driver's CUDA version and devices; `found=False` with the reasons when absent."""
     tried = []
@@ -255,9 +288,14 @@ def probe_driver(libraries: tuple[str, ...] = DRIVER_LIBRARIES) -> DriverProbe:
             tried.append(str(e) if path in str(e) else f"{path}: {e}")
             continue
         try:
-            return _query_driver(lib, path)
+            probe = _query_driver(lib, path)
         except Exception as e:  # a driver missing an entry point: report it, never fail
-            return DriverProbe(True, path, error=f"{type(e).__name__}: {e}")
+            probe = DriverProbe(True, path, error=f"{type(e).__name__}: {e}")
+        try:
+            branch = driver_branch()
+        except Exception:  # an odd /proc: the branch stays unknown, which the policy handles
+            branch = None
+        return DriverProbe(probe.found, probe.path, probe.version, probe.devices, probe.error, branch)
     return DriverProbe(False, error="; ".join(tried))
 
 
