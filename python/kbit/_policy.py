@@ -338,6 +338,9 @@ def select(probes: Probes, manifest: Manifest, env: Mapping[str, str]) -> Decisi
     branch = f"driver {driver.branch}" if driver.branch is not None else "driver branch unknown"
     if is_exact:
         why = f"exact match of {target_name} {target}"
+        if chosen.file in via_compat:
+            why += (f", run by minor-version compatibility (driver CUDA {driver.version}, {branch} ≥ "
+                    f"{MINOR_COMPAT_FLOOR[chosen.cuda.major]}, every GPU has a cubin)")
     elif chosen.cuda.major != target.major:
         how = ("by minor-version compatibility" if chosen.file in via_compat
                else f"≤ driver CUDA {driver.version}")
@@ -358,7 +361,7 @@ def select(probes: Probes, manifest: Manifest, env: Mapping[str, str]) -> Decisi
             candidates.append(Candidate(e.file, "rejected", f"usable, but {chosen.file} is preferred (a fallback)"))
     gpus = ", ".join(sorted({d.sm for d in devices}))
     if is_exact:
-        reason = f"using {chosen.file}: exact match of {target_name} {target} ({context}; GPUs {gpus})"
+        reason = f"using {chosen.file}: {why} ({context}; GPUs {gpus})"
     elif chosen.cuda.major == target.major and chosen.file not in via_compat:
         reason = (f"using {chosen.file}: no bundled CUDA {target} library, CUDA {chosen.cuda} is the highest "
                   f"bundled {target.major}.x that runs on {context} (GPUs {gpus})")
