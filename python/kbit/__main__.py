@@ -2,6 +2,9 @@
 
 Exit status: 0 when the libraries kbit would use load; 1 when the manifest is missing or corrupt, a
 library fails to load, or an override in the environment is invalid.
+
+`python -m kbit verify` checks every bundled library against the manifest without loading it: 0
+when all match, 1 on any mismatch (one line per library either way).
 """
 
 from __future__ import annotations
@@ -119,10 +122,26 @@ def _text(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _verify() -> int:
+    from ._verify import verify
+
+    checks = verify(_native.PACKAGE_DIR, frozenset(_native._SIGNATURES))
+    for check in checks:
+        print(check.line())
+    failed = sum(not c.ok for c in checks)
+    print(f"{len(checks) - failed} of {len(checks)} libraries match {_native.PACKAGE_DIR / 'manifest.json'}")
+    return 1 if failed else 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kbit", description=__doc__.splitlines()[0])
+    parser.add_argument("command", nargs="?", choices=["verify"],
+                        help="verify: check every bundled library against the manifest (sha256, ABI "
+                             "symbols, cubin/PTX archs); exit 1 on any mismatch")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
+    if args.command == "verify":
+        return _verify()
     r = report()
     print(json.dumps(r, indent=2) if args.json else _text(r))
     return 0 if r["ok"] else 1
