@@ -232,6 +232,8 @@ def _package(env: Env, scenario: Scenario) -> Path:
     """A package copy whose manifest bundles only the scenario's libraries (all files stay)."""
     root = env.root / "pkg" / scenario.id
     pkg = root / "kbit"
+    if root.exists():
+        shutil.rmtree(root)
     shutil.copytree(env.root / "full" / "kbit", pkg)
     keep = {"libkbit_cpu.so", *(f"libkbit_cuda{v.replace('.', '')}.so" for v in scenario.libs)}
     manifest = dict(env.manifest, libraries=[e for e in env.manifest["libraries"] if e["file"] in keep])
@@ -329,3 +331,29 @@ def test_scenarios_cover_the_issue() -> None:
     assert kinds == {"exact", "highest", "minor-compat", "cross-major", "cpu", "override", "error"}
     overrides = {k for s in SCENARIOS for k in s.env}
     assert overrides == {"KBIT_CUDA_VERSION", "KBIT_LIBRARY", "KBIT_BACKEND"}
+
+
+def _interpreter(version: str) -> Optional[str]:
+    """pyenv's newest CPython `version` (e.g. "3.9"), else one on PATH; None when absent."""
+    root = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
+    found = sorted(root.glob(f"{version}.*/bin/python{version}"),
+                   key=lambda p: int(p.parts[-3].split(".")[2]) if p.parts[-3].split(".")[2].isdigit() else -1)
+    if found:
+        return str(found[-1])
+    return shutil.which(f"python{version}")
+
+
+PORTABILITY = [s for s in SCENARIOS if s.id in (
+    "seed-a100-no-exact-minor-compat", "blackwell-ptx-only", "pascal-p100", "override-version-unbundled")]
+
+
+@pytest.mark.parametrize("version", ["3.9", "3.10", "3.11", "3.12", "3.13"])
+def test_loader_under_every_supported_python(env: Env, version: str) -> None:
+    """The wheel is py3: the probes, policy and loader must run on every CPython it supports."""
+    python = _interpreter(version)
+    if python is None:
+        pytest.skip(f"no CPython {version} here")
+    for scenario in PORTABILITY:
+        status, report, stderr = run_scenario(env, scenario, python)
+        assert report["python"].startswith(version + ".")
+        check(env, scenario, status, report, stderr)
