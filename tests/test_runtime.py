@@ -183,6 +183,10 @@ int kbit_quantize_blockwise_8bit(int d, const void* a, const float* c, uint8_t* 
                                  int32_t b, void* s) { return 5; }
 int kbit_dequantize_blockwise_8bit(int d, const uint8_t* q, const float* c, const float* m, void* o, int64_t n,
                                    int32_t b, void* s) { return 5; }
+int kbit_quantize_4bit(int d, int t, const void* a, uint8_t* o, float* m, int64_t n, int32_t b, void* s) { return 5; }
+int kbit_dequantize_4bit(int d, int t, const uint8_t* q, const float* m, void* o, int64_t n, int32_t b, void* s) {
+  return 5;
+}
 """
 
 

@@ -41,6 +41,26 @@ inline int check_blockwise8(int dtype, const void* values, const void* code, con
   return KBIT_OK;
 }
 
+inline bool is_blockwise4_blocksize(int32_t blocksize) {
+  return blocksize >= KBIT_BLOCKWISE4_MIN_BLOCKSIZE && blocksize <= KBIT_BLOCKWISE4_MAX_BLOCKSIZE &&
+         (blocksize & (blocksize - 1)) == 0;
+}
+
+inline bool is_quant_type4(int quant_type) { return quant_type == KBIT_QUANT_FP4 || quant_type == KBIT_QUANT_NF4; }
+
+/* Checks common to both 4-bit entry points; as check_blockwise8. */
+inline int check_blockwise4(int dtype, int quant_type, const void* values, const void* packed, const void* absmax,
+                            int64_t n, int32_t blocksize) {
+  if (n < 0) return KBIT_ERR_INVALID_ARGUMENT;
+  if (!is_supported_dtype(dtype)) return KBIT_ERR_UNSUPPORTED_DTYPE;
+  if (!is_quant_type4(quant_type)) return KBIT_ERR_UNSUPPORTED_QUANT_TYPE;
+  if (!is_blockwise4_blocksize(blocksize)) return KBIT_ERR_UNSUPPORTED_BLOCKSIZE;
+  if (n == 0) return KBIT_OK;
+  if (values == NULL || packed == NULL || absmax == NULL) return KBIT_ERR_INVALID_ARGUMENT;
+  if (n > (INT64_MAX / 8)) return KBIT_ERR_TOO_LARGE;
+  return KBIT_OK;
+}
+
 /* Message of a kbit status (not of CUDA statuses); NULL if unknown. */
 inline const char* kbit_own_status_string(int status) {
   switch (status) {
@@ -50,6 +70,7 @@ inline const char* kbit_own_status_string(int status) {
     case KBIT_ERR_UNSUPPORTED_BLOCKSIZE: return "unsupported blocksize (needs a power of two in the family's range)";
     case KBIT_ERR_TOO_LARGE: return "too many elements for this kernel";
     case KBIT_ERR_INTERNAL: return "internal error in kbit (please report it)";
+    case KBIT_ERR_UNSUPPORTED_QUANT_TYPE: return "unsupported 4-bit quant type (needs KBIT_QUANT_FP4 or KBIT_QUANT_NF4)";
     default: return NULL;
   }
 }

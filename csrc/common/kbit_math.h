@@ -134,4 +134,110 @@ KBIT_HD float kbit_dequantize_value(const float* code, uint8_t c, float absmax) 
   return code[c] * absmax;
 }
 
+/* ---- 4-bit blockwise quantization (NF4, FP4) ----
+ *
+ * Codebooks as bitsandbytes stores them (float32). A value's code is chosen by its rank among the 16
+ * entries sorted ascending: rank = the number of the 15 midpoints between neighbouring sorted entries
+ * that x exceeds (ties to the lower entry; NaN exceeds all: rank 15). The code is then the entry's index
+ * in the codebook: the identity for NF4 (sorted already), a fixed permutation for FP4. Everything is a
+ * function of (quant_type, index), written without tables so host and device share it. */
+
+#define KBIT_ABSMAX4_FLOOR 1e-38f /* the smallest scale a 4-bit block divides by */
+
+/* Entry c of the codebook (quant_type: KBIT_QUANT_NF4, else FP4). */
+KBIT_HD float kbit_code4_value(int quant_type, int c) {
+  if (quant_type == 1 /* KBIT_QUANT_NF4 */) {
+    switch (c & 15) {
+      case 0: return -1.0f;
+      case 1: return -0.6961928009986877f;
+      case 2: return -0.5250730514526367f;
+      case 3: return -0.39491748809814453f;
+      case 4: return -0.28444138169288635f;
+      case 5: return -0.18477343022823334f;
+      case 6: return -0.09105003625154495f;
+      case 7: return 0.0f;
+      case 8: return 0.07958029955625534f;
+      case 9: return 0.16093020141124725f;
+      case 10: return 0.24611230194568634f;
+      case 11: return 0.33791524171829224f;
+      case 12: return 0.44070982933044434f;
+      case 13: return 0.5626170039176941f;
+      case 14: return 0.7229568362236023f;
+      default: return 1.0f;
+    }
+  }
+  /* FP4: sign bit 3, then magnitudes {0, 0.0625, 8, 12, 4, 6, 2, 3} / 12, each a float32 quotient. */
+  float mag;
+  switch (c & 7) {
+    case 0: mag = 0.0f; break;
+    case 1: mag = 0.0052083334885537624f; break;
+    case 2: mag = 0.6666666865348816f; break;
+    case 3: mag = 1.0f; break;
+    case 4: mag = 0.3333333432674408f; break;
+    case 5: mag = 0.5f; break;
+    case 6: mag = 0.1666666716337204f; break;
+    default: mag = 0.25f; break;
+  }
+  return (c & 8) ? -mag : mag;
+}
+
+/* The codebook index of the entry of rank r (0..15) as nibbles of one word: entry r of the ascending
+ * order. FP4's two zeros rank +0 (code 0) below -0 (code 8), as bitsandbytes orders them. */
+KBIT_HD uint64_t kbit_rank_table4(int quant_type) {
+  return quant_type == 1 ? 0xFEDCBA9876543210ull : 0x3254761809EFCDABull;
+}
+
+KBIT_HD uint8_t kbit_rank_to_code4(uint64_t rank_table, int32_t rank) {
+  return (uint8_t)((rank_table >> (4 * rank)) & 15u);
+}
+
+/* Midpoint k (0..14) between the entries of rank k and k + 1, in float32 as (a + b) / 2. */
+KBIT_HD float kbit_bound4(int quant_type, int k) {
+  uint64_t t = kbit_rank_table4(quant_type);
+  return (kbit_code4_value(quant_type, kbit_rank_to_code4(t, k)) +
+          kbit_code4_value(quant_type, kbit_rank_to_code4(t, k + 1))) * 0.5f;
+}
+
+/* Rank of normalized x given the 15 midpoints: branch-free, so CPU loops over values vectorize. */
+KBIT_HD int32_t kbit_rank4(const float* bounds, float x) {
+  int32_t r = 0;
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+  for (int k = 0; k < 15; ++k) r += !(x <= bounds[k]);
+  return r;
+}
+
+/* The code of normalized x directly, without a rank -> code lookup: the code of rank r is
+ * code(0) + sum_{k<r} (code(k+1) - code(k)), and rank r means exactly the first r midpoints are
+ * exceeded, so code = base + sum_k [x > bounds[k]] * deltas[k] (base, deltas: kbit_code4_base/delta).
+ * Equal to kbit_rank_to_code4(table, kbit_rank4(bounds, x)); linear, so it vectorizes. */
+KBIT_HD int32_t kbit_code4_base(int quant_type) { return kbit_rank_to_code4(kbit_rank_table4(quant_type), 0); }
+KBIT_HD int32_t kbit_code4_delta(int quant_type, int k) {
+  uint64_t t = kbit_rank_table4(quant_type);
+  return (int32_t)kbit_rank_to_code4(t, k + 1) - (int32_t)kbit_rank_to_code4(t, k);
+}
+KBIT_HD int32_t kbit_quantize4_code(const float* bounds, const int32_t* deltas, int32_t base, float x) {
+  int32_t c = base;
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+  for (int k = 0; k < 15; ++k) c += (x <= bounds[k]) ? 0 : deltas[k];
+  return c;
+}
+
+/* The scale a block divides by: absmax floored at KBIT_ABSMAX4_FLOOR; NaN stays NaN. */
+KBIT_HD float kbit_absmax4_scale(float m) { return m < KBIT_ABSMAX4_FLOOR ? KBIT_ABSMAX4_FLOOR : m; }
+
+/* Normalization of a full block's value: multiplied by the reciprocal of the scale. */
+KBIT_HD float kbit_normalize4_full(float a, float inv_scale) { return a * inv_scale; }
+
+/* Two codes in one byte: the first value's in the high nibble. */
+KBIT_HD uint8_t kbit_pack4(uint8_t first, uint8_t second) { return (uint8_t)((first << 4) | (second & 15u)); }
+KBIT_HD uint8_t kbit_unpack4_first(uint8_t byte) { return (uint8_t)(byte >> 4); }
+KBIT_HD uint8_t kbit_unpack4_second(uint8_t byte) { return (uint8_t)(byte & 15u); }
+
+/* The float value of a 4-bit code. */
+KBIT_HD float kbit_dequantize4_value(const float* codebook, uint8_t c, float absmax) { return codebook[c] * absmax; }
+
 #endif /* KBIT_COMMON_KBIT_MATH_H_ */

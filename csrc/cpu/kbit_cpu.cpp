@@ -138,6 +138,104 @@ void dequantize_range(void* ctx, int64_t first_block, int64_t end_block) {
   }
 }
 
+/* ---- 4-bit ---- */
+
+struct Quantize4Job {
+  const void* A;
+  uint8_t* out;
+  float* absmax;
+  int64_t n;
+  int64_t blocksize;
+  int32_t base;
+  int32_t deltas[15];
+  float bounds[15];
+};
+
+/* max |v| on the bits, NaN propagating (NaN's bits are above infinity's), as torch's max. */
+template <typename L>
+float block_absmax4(const void* A, int64_t start, int64_t len) {
+  uint32_t m[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= len; i += 8)
+#pragma GCC unroll 8
+    for (int k = 0; k < 8; ++k) {
+      uint32_t u = kbit_f32_bits(L::load(A, start + i + k)) & 0x7fffffffu;
+      m[k] = u > m[k] ? u : m[k];
+    }
+  for (; i < len; ++i) {
+    uint32_t u = kbit_f32_bits(L::load(A, start + i)) & 0x7fffffffu;
+    m[0] = u > m[0] ? u : m[0];
+  }
+  uint32_t r = m[0];
+  for (int k = 1; k < 8; ++k) r = m[k] > r ? m[k] : r;
+  return kbit_bits_f32(r);
+}
+
+template <typename L>
+void quantize4_range(void* ctx, int64_t first_block, int64_t end_block) {
+  const Quantize4Job& job = *static_cast<const Quantize4Job*>(ctx);
+  float bounds[15]; /* local copies: no aliasing with `out` */
+  int32_t deltas[15];
+  for (int k = 0; k < 15; ++k) bounds[k] = job.bounds[k], deltas[k] = job.deltas[k];
+  const int32_t base = job.base;
+  const int32_t zero_code = kbit_quantize4_code(bounds, deltas, base, 0.0f); /* the padding nibble of an odd n */
+  uint8_t* __restrict out = job.out;
+  int32_t code[kQuantizeChunk + 1];
+  for (int64_t b = first_block; b < end_block; ++b) {
+    int64_t start = b * job.blocksize;
+    int64_t len = job.n - start < job.blocksize ? job.n - start : job.blocksize;
+    bool partial = len < job.blocksize;
+    float m = block_absmax4<L>(job.A, start, len);
+    float scale = kbit_absmax4_scale(m);
+    job.absmax[b] = partial ? scale : m;
+    float inv = 1.0f / scale;
+    for (int64_t c = 0; c < len; c += kQuantizeChunk) {
+      int64_t cnt = len - c < kQuantizeChunk ? len - c : kQuantizeChunk;
+      /* Pass 1: load, normalize, code. Pass 2: pack pairs. Both vectorize. */
+      if (!partial) {
+        for (int64_t k = 0; k < cnt; ++k)
+          code[k] = kbit_quantize4_code(bounds, deltas, base, kbit_normalize4_full(L::load(job.A, start + c + k), inv));
+      } else {
+        for (int64_t k = 0; k < cnt; ++k)
+          code[k] = kbit_quantize4_code(bounds, deltas, base, kbit_normalize(L::load(job.A, start + c + k), scale));
+      }
+      code[cnt] = zero_code;
+      uint8_t* __restrict dst = out + (start + c) / 2; /* start and c are even */
+      int64_t bytes = (cnt + 1) / 2;
+      for (int64_t j = 0; j < bytes; ++j) dst[j] = kbit_pack4((uint8_t)code[2 * j], (uint8_t)code[2 * j + 1]);
+    }
+  }
+}
+
+struct Dequantize4Job {
+  const uint8_t* packed;
+  const float* absmax;
+  void* out;
+  int64_t n;
+  int64_t blocksize;
+  float pairs[256][2]; /* the two codebook values of each byte */
+};
+
+template <typename S>
+void dequantize4_range(void* ctx, int64_t first_block, int64_t end_block) {
+  const Dequantize4Job& job = *static_cast<const Dequantize4Job*>(ctx);
+  const uint8_t* __restrict packed = job.packed;
+  const float(*__restrict lut)[2] = job.pairs;
+  for (int64_t b = first_block; b < end_block; ++b) {
+    int64_t start = b * job.blocksize;
+    int64_t len = job.n - start < job.blocksize ? job.n - start : job.blocksize;
+    float m = job.absmax[b];
+    const uint8_t* __restrict src = packed + start / 2;
+    int64_t pairs = len / 2;
+    for (int64_t j = 0; j < pairs; ++j) {
+      const float* __restrict pair = lut[src[j]];
+      S::store(job.out, start + 2 * j, pair[0] * m);
+      S::store(job.out, start + 2 * j + 1, pair[1] * m);
+    }
+    if (len & 1) S::store(job.out, start + len - 1, lut[src[pairs]][0] * m);
+  }
+}
+
 }  // namespace
 }  // namespace kbit
 
@@ -188,6 +286,57 @@ KBIT_API int kbit_dequantize_blockwise_8bit(int dtype, const uint8_t* codes, con
     case KBIT_DTYPE_F32: parallel_for(blocks, grain, dequantize_range<StoreF32>, &job); break;
     case KBIT_DTYPE_F16: parallel_for(blocks, grain, dequantize_range<StoreF16>, &job); break;
     default: parallel_for(blocks, grain, dequantize_range<StoreBF16>, &job); break;
+  }
+  return KBIT_OK;
+}
+
+KBIT_API int kbit_quantize_4bit(int dtype, int quant_type, const void* A, uint8_t* out, float* absmax, int64_t n,
+                                int32_t blocksize, void* stream) {
+  (void)stream;
+  int status = check_blockwise4(dtype, quant_type, A, out, absmax, n, blocksize);
+  if (status != KBIT_OK || n == 0) return status;
+  Quantize4Job job;
+  job.A = A;
+  job.out = out;
+  job.absmax = absmax;
+  job.n = n;
+  job.blocksize = blocksize;
+  job.base = kbit_code4_base(quant_type);
+  for (int k = 0; k < 15; ++k) job.bounds[k] = kbit_bound4(quant_type, k), job.deltas[k] = kbit_code4_delta(quant_type, k);
+  int64_t blocks = (n + blocksize - 1) / blocksize;
+  int64_t grain = kValuesPerChunk / blocksize > 0 ? kValuesPerChunk / blocksize : 1;
+  switch (dtype) {
+    case KBIT_DTYPE_F32: parallel_for(blocks, grain, quantize4_range<LoadF32>, &job); break;
+    case KBIT_DTYPE_F16: parallel_for(blocks, grain, quantize4_range<LoadF16>, &job); break;
+    default: parallel_for(blocks, grain, quantize4_range<LoadBF16>, &job); break;
+  }
+  return KBIT_OK;
+}
+
+KBIT_API int kbit_dequantize_4bit(int dtype, int quant_type, const uint8_t* packed, const float* absmax, void* out,
+                                  int64_t n, int32_t blocksize, void* stream) {
+  (void)stream;
+  int status = check_blockwise4(dtype, quant_type, out, packed, absmax, n, blocksize);
+  if (status != KBIT_OK || n == 0) return status;
+  Dequantize4Job job;
+  job.packed = packed;
+  job.absmax = absmax;
+  job.out = out;
+  job.n = n;
+  job.blocksize = blocksize;
+  float codebook[KBIT_CODEBOOK4_SIZE];
+  for (int k = 0; k < KBIT_CODEBOOK4_SIZE; ++k) codebook[k] = kbit_code4_value(quant_type, k);
+  /* A cache of kbit_dequantize4_value's operand per byte: pair[v] * m is that function's product. */
+  for (int v = 0; v < 256; ++v) {
+    job.pairs[v][0] = codebook[kbit_unpack4_first((uint8_t)v)];
+    job.pairs[v][1] = codebook[kbit_unpack4_second((uint8_t)v)];
+  }
+  int64_t blocks = (n + blocksize - 1) / blocksize;
+  int64_t grain = kValuesPerChunk / blocksize > 0 ? kValuesPerChunk / blocksize : 1;
+  switch (dtype) {
+    case KBIT_DTYPE_F32: parallel_for(blocks, grain, dequantize4_range<StoreF32>, &job); break;
+    case KBIT_DTYPE_F16: parallel_for(blocks, grain, dequantize4_range<StoreF16>, &job); break;
+    default: parallel_for(blocks, grain, dequantize4_range<StoreBF16>, &job); break;
   }
   return KBIT_OK;
 }

@@ -108,6 +108,107 @@ int launch_status() {
   return err == cudaSuccess ? KBIT_OK : KBIT_STATUS_CUDA_BASE + (int)err;
 }
 
+/* ---- 4-bit ---- */
+
+const int kQuantize4MaxThreads = 256;
+/* Each thread owns pairs of values (one output byte); a block of 4096 values is 2048 pairs. */
+const int kMaxPairsPerThread = KBIT_BLOCKWISE4_MAX_BLOCKSIZE / 2 / kQuantize4MaxThreads;
+const int kDequantize4Threads = 256;
+
+/* max |v| over the CUDA block, NaN propagating (as on the CPU: an integer max of the bits). */
+__device__ uint32_t block_max_bits(uint32_t v, uint32_t* warp_max) {
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    uint32_t o = __shfl_xor_sync(0xffffffffu, v, offset);
+    v = o > v ? o : v;
+  }
+  int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  if (lane == 0) warp_max[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < (int)(blockDim.x >> 5) ? warp_max[lane] : 0u;
+    for (int offset = 16; offset > 0; offset >>= 1) {
+      uint32_t o = __shfl_xor_sync(0xffffffffu, v, offset);
+      v = o > v ? o : v;
+    }
+    if (lane == 0) warp_max[0] = v;
+  }
+  __syncthreads();
+  v = warp_max[0];
+  __syncthreads();
+  return v;
+}
+
+/* One CUDA block per quantization block (grid-stride); blockDim.x = clamp(blocksize / 2, 32, 256). */
+template <int DTYPE>
+__global__ void __launch_bounds__(kQuantize4MaxThreads)
+    quantize4_kernel(const void* __restrict__ A, int quant_type, uint8_t* __restrict__ out, float* __restrict__ absmax,
+                     int64_t n, int32_t blocksize, int64_t num_blocks) {
+  __shared__ uint32_t s_warp_max[kQuantize4MaxThreads / 32];
+  float bounds[15];
+  int32_t deltas[15];
+#pragma unroll
+  for (int k = 0; k < 15; ++k) {
+    bounds[k] = kbit_bound4(quant_type, k);
+    deltas[k] = kbit_code4_delta(quant_type, k);
+  }
+  const int32_t base = kbit_code4_base(quant_type);
+  const float zero_pad = 0.0f;
+  for (int64_t b = blockIdx.x; b < num_blocks; b += gridDim.x) {
+    int64_t start = b * blocksize;
+    int64_t len = n - start < blocksize ? n - start : blocksize;
+    bool partial = len < blocksize;
+    float v[kMaxPairsPerThread][2];
+    uint32_t mbits = 0;
+#pragma unroll
+    for (int k = 0; k < kMaxPairsPerThread; ++k) {
+      int64_t i = 2 * (threadIdx.x + (int64_t)k * blockDim.x);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        v[k][h] = i + h < len ? load_value<DTYPE>(A, start + i + h) : 0.0f;
+        uint32_t u = kbit_f32_bits(v[k][h]) & 0x7fffffffu;
+        mbits = u > mbits ? u : mbits;
+      }
+    }
+    float m = kbit_bits_f32(block_max_bits(mbits, s_warp_max));
+    float scale = kbit_absmax4_scale(m);
+    if (threadIdx.x == 0) absmax[b] = partial ? scale : m;
+    float inv = 1.0f / scale;
+#pragma unroll
+    for (int k = 0; k < kMaxPairsPerThread; ++k) {
+      int64_t i = 2 * (threadIdx.x + (int64_t)k * blockDim.x);
+      if (i < len) {
+        int32_t c[2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          float x = i + h < len ? (partial ? kbit_normalize(v[k][h], scale) : kbit_normalize4_full(v[k][h], inv))
+                                : zero_pad;
+          c[h] = kbit_quantize4_code(bounds, deltas, base, x);
+        }
+        out[(start + i) / 2] = kbit_pack4((uint8_t)c[0], (uint8_t)c[1]);
+      }
+    }
+  }
+}
+
+/* One thread per output byte (two values). */
+template <int DTYPE>
+__global__ void __launch_bounds__(kDequantize4Threads)
+    dequantize4_kernel(const uint8_t* __restrict__ packed, int quant_type, const float* __restrict__ absmax,
+                       void* __restrict__ out, int64_t n, int32_t blocksize_log2) {
+  __shared__ float s_code[16];
+  if (threadIdx.x < 16) s_code[threadIdx.x] = kbit_code4_value(quant_type, threadIdx.x);
+  __syncthreads();
+  int64_t bytes = (n + 1) / 2;
+  int64_t stride = (int64_t)gridDim.x * blockDim.x;
+  for (int64_t j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; j < bytes; j += stride) {
+    uint8_t v = packed[j];
+    int64_t i = 2 * j;
+    float m = absmax[i >> blocksize_log2]; /* blocksize is even: both values share a block */
+    store_value<DTYPE>(out, i, kbit_dequantize4_value(s_code, kbit_unpack4_first(v), m));
+    if (i + 1 < n) store_value<DTYPE>(out, i + 1, kbit_dequantize4_value(s_code, kbit_unpack4_second(v), m));
+  }
+}
+
 }  // namespace
 }  // namespace kbit
 
@@ -164,6 +265,52 @@ KBIT_API int kbit_dequantize_blockwise_8bit(int dtype, const uint8_t* codes, con
       break;
     default:
       dequantize_blockwise8_kernel<KBIT_DTYPE_BF16><<<grid, kDequantizeThreads, 0, s>>>(codes, code, absmax, out, n, log2_bs);
+      break;
+  }
+  return launch_status();
+}
+
+KBIT_API int kbit_quantize_4bit(int dtype, int quant_type, const void* A, uint8_t* out, float* absmax, int64_t n,
+                                int32_t blocksize, void* stream) {
+  int status = check_blockwise4(dtype, quant_type, A, out, absmax, n, blocksize);
+  if (status != KBIT_OK || n == 0) return status;
+  (void)cudaGetLastError();
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  int64_t blocks = (n + blocksize - 1) / blocksize;
+  int threads = blocksize / 2 < 32 ? 32 : (blocksize / 2 > kQuantize4MaxThreads ? kQuantize4MaxThreads : blocksize / 2);
+  dim3 grid((unsigned)grid_size(blocks, kMaxGrid));
+  switch (dtype) {
+    case KBIT_DTYPE_F32:
+      quantize4_kernel<KBIT_DTYPE_F32><<<grid, threads, 0, s>>>(A, quant_type, out, absmax, n, blocksize, blocks);
+      break;
+    case KBIT_DTYPE_F16:
+      quantize4_kernel<KBIT_DTYPE_F16><<<grid, threads, 0, s>>>(A, quant_type, out, absmax, n, blocksize, blocks);
+      break;
+    default:
+      quantize4_kernel<KBIT_DTYPE_BF16><<<grid, threads, 0, s>>>(A, quant_type, out, absmax, n, blocksize, blocks);
+      break;
+  }
+  return launch_status();
+}
+
+KBIT_API int kbit_dequantize_4bit(int dtype, int quant_type, const uint8_t* packed, const float* absmax, void* out,
+                                  int64_t n, int32_t blocksize, void* stream) {
+  int status = check_blockwise4(dtype, quant_type, out, packed, absmax, n, blocksize);
+  if (status != KBIT_OK || n == 0) return status;
+  (void)cudaGetLastError();
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  int32_t log2_bs = log2_pow2(blocksize);
+  int64_t bytes = (n + 1) / 2;
+  dim3 grid((unsigned)grid_size((bytes + kDequantize4Threads - 1) / kDequantize4Threads, kMaxGrid));
+  switch (dtype) {
+    case KBIT_DTYPE_F32:
+      dequantize4_kernel<KBIT_DTYPE_F32><<<grid, kDequantize4Threads, 0, s>>>(packed, quant_type, absmax, out, n, log2_bs);
+      break;
+    case KBIT_DTYPE_F16:
+      dequantize4_kernel<KBIT_DTYPE_F16><<<grid, kDequantize4Threads, 0, s>>>(packed, quant_type, absmax, out, n, log2_bs);
+      break;
+    default:
+      dequantize4_kernel<KBIT_DTYPE_BF16><<<grid, kDequantize4Threads, 0, s>>>(packed, quant_type, absmax, out, n, log2_bs);
       break;
   }
   return launch_status();

@@ -38,6 +38,7 @@ extern "C" {
 #define KBIT_ERR_UNSUPPORTED_BLOCKSIZE 3 /* blocksize is not a power of two in the family's range */
 #define KBIT_ERR_TOO_LARGE 4            /* an element count the kernel cannot index */
 #define KBIT_ERR_INTERNAL 5             /* a bug in kbit: please report it */
+#define KBIT_ERR_UNSUPPORTED_QUANT_TYPE 6 /* quant_type is not one of KBIT_QUANT_* */
 #define KBIT_STATUS_CUDA_BASE 1000      /* KBIT_STATUS_CUDA_BASE + cudaError_t */
 
 /* Element types of floating point inputs and outputs. */
@@ -50,6 +51,14 @@ extern "C" {
 #define KBIT_BLOCKWISE8_MAX_BLOCKSIZE 4096
 /* Entries of an 8-bit codebook. */
 #define KBIT_CODEBOOK8_SIZE 256
+
+/* Blocksizes of the 4-bit blockwise family: powers of two in [MIN, MAX]. */
+#define KBIT_BLOCKWISE4_MIN_BLOCKSIZE 32
+#define KBIT_BLOCKWISE4_MAX_BLOCKSIZE 4096
+/* 4-bit quantization types (codebooks of KBIT_CODEBOOK4_SIZE entries, fixed: kbit_math.h). */
+#define KBIT_QUANT_FP4 0 /* bitsandbytes' FP4 code */
+#define KBIT_QUANT_NF4 1 /* NormalFloat4 (QLoRA) */
+#define KBIT_CODEBOOK4_SIZE 16
 
 /* KBIT_ABI_VERSION of the library. */
 KBIT_API int kbit_abi_version(void);
@@ -88,6 +97,29 @@ KBIT_API int kbit_quantize_blockwise_8bit(int dtype, const void* A, const float*
 KBIT_API int kbit_dequantize_blockwise_8bit(int dtype, const uint8_t* codes, const float* code,
                                             const float* absmax, void* out, int64_t n,
                                             int32_t blocksize, void* stream);
+
+/*
+ * 4-bit blockwise quantization, NF4 or FP4 (bit-compatible with bitsandbytes' 4-bit layout).
+ *
+ * A holds n values of dtype. Codes are packed two per byte: value 2k in the high nibble of out[k],
+ * value 2k + 1 in the low nibble; for odd n the last low nibble is the code of 0.0. out must have
+ * room for ceil(n / 2) bytes, absmax for ceil(n / blocksize) floats.
+ * For block b (values [b*blocksize, min((b+1)*blocksize, n))), with m = max |A[i]| (NaN if the block
+ * holds a NaN) and s = max(m, 1e-38f) (NaN stays NaN):
+ *   a full block stores absmax[b] = m and normalizes x = A[i] * (1.0f / s);
+ *   a partial last block stores absmax[b] = s and normalizes x = A[i] / s;
+ * and the code of A[i] is that of the codebook entry nearest to x: its rank among the 16 sorted
+ * entries is the number of midpoints between neighbouring entries that x exceeds (ties go to the
+ * lower entry; a NaN x takes the highest rank, so a NaN gives the code of +1.0, as does every value of
+ * a block holding NaN; an inf makes the block's absmax inf, its own code that of NaN and every finite
+ * value's that of 0). All float32, as bitsandbytes computes it. All these cases still return KBIT_OK.
+ */
+KBIT_API int kbit_quantize_4bit(int dtype, int quant_type, const void* A, uint8_t* out, float* absmax, int64_t n,
+                                int32_t blocksize, void* stream);
+
+/* out[i] = codebook[code of value i] * absmax[i / blocksize] (float32 product), written as dtype. */
+KBIT_API int kbit_dequantize_4bit(int dtype, int quant_type, const uint8_t* packed, const float* absmax, void* out,
+                                  int64_t n, int32_t blocksize, void* stream);
 
 #ifdef __cplusplus
 }

@@ -58,6 +58,12 @@ _SIGNATURES: Mapping[str, tuple[Any, list[Any]]] = {
     # dtype, codes, code, absmax, out, n, blocksize, stream
     "kbit_dequantize_blockwise_8bit": (
         _c_int, [_c_int, _c_void_p, _c_void_p, _c_void_p, _c_void_p, _c_int64, _c_int32, _c_void_p]),
+    # dtype, quant_type, A, out, absmax, n, blocksize, stream
+    "kbit_quantize_4bit": (
+        _c_int, [_c_int, _c_int, _c_void_p, _c_void_p, _c_void_p, _c_int64, _c_int32, _c_void_p]),
+    # dtype, quant_type, packed, absmax, out, n, blocksize, stream
+    "kbit_dequantize_4bit": (
+        _c_int, [_c_int, _c_int, _c_void_p, _c_void_p, _c_void_p, _c_int64, _c_int32, _c_void_p]),
 }
 
 
@@ -86,6 +92,14 @@ class NativeLibrary:
     def dequantize_blockwise_8bit(self, dtype: int, codes: int, code: int, absmax: int, out: int, n: int,
                                   blocksize: int, stream: Optional[int]) -> None:
         self._call("kbit_dequantize_blockwise_8bit", dtype, codes, code, absmax, out, n, blocksize, stream)
+
+    def quantize_4bit(self, dtype: int, quant_type: int, A: int, out: int, absmax: int, n: int, blocksize: int,
+                      stream: Optional[int]) -> None:
+        self._call("kbit_quantize_4bit", dtype, quant_type, A, out, absmax, n, blocksize, stream)
+
+    def dequantize_4bit(self, dtype: int, quant_type: int, packed: int, absmax: int, out: int, n: int,
+                        blocksize: int, stream: Optional[int]) -> None:
+        self._call("kbit_dequantize_4bit", dtype, quant_type, packed, absmax, out, n, blocksize, stream)
 
 
 @dataclass(frozen=True)

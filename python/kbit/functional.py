@@ -1,4 +1,4 @@
-"""8-bit blockwise dynamic quantization of torch tensors.
+"""8-bit blockwise dynamic quantization and 4-bit (NF4/FP4) blockwise quantization of torch tensors.
 
 Every argument is checked here, before any native code runs; a bad one raises TypeError or
 ValueError saying what to change. CPU tensors go to the CPU library; CUDA tensors to the CUDA library
@@ -19,15 +19,34 @@ from ._errors import KbitNoBackendError
 
 __all__ = [
     "BLOCKSIZES",
+    "BLOCKSIZES_4BIT",
+    "QUANT_TYPES_4BIT",
+    "QuantState4bit",
     "QuantState8bit",
     "create_dynamic_map",
+    "dequantize_4bit",
     "dequantize_blockwise",
+    "get_4bit_code",
+    "quantize_4bit",
     "quantize_blockwise",
 ]
 
 BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)
 """The blocksizes of 8-bit blockwise quantization (kbit.h: KBIT_BLOCKWISE8_{MIN,MAX}_BLOCKSIZE)."""
 CODEBOOK_SIZE = 256
+BLOCKSIZES_4BIT = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+"""The blocksizes of 4-bit quantization (kbit.h: KBIT_BLOCKWISE4_{MIN,MAX}_BLOCKSIZE)."""
+QUANT_TYPES_4BIT = ("fp4", "nf4")
+"""The 4-bit quantization types; kbit.h's KBIT_QUANT_FP4 and KBIT_QUANT_NF4 are their indices."""
+
+# The 4-bit codebooks, in code order (kbit_math.h: kbit_code4_value): NF4, the quantiles of a normal
+# distribution from the QLoRA paper; bitsandbytes' FP4: sign bit, then {0, 0.0625, 8, 12, 4, 6, 2, 3} / 12.
+_NF4_VALUES = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)
+_FP4_MAGNITUDES = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0)
 
 # kbit.h's KBIT_DTYPE_*.
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -217,4 +236,124 @@ def dequantize_blockwise(
     with _on_device(device):
         lib.dequantize_blockwise_8bit(_DTYPES[state.dtype], codes.data_ptr(), code.data_ptr(), absmax.data_ptr(),
                                       out.data_ptr(), n, blocksize, _stream(device))
+    return out
+
+
+# --- 4-bit (NF4 / FP4) --------------------------------------------------------------------------------
+
+
+def get_4bit_code(quant_type: str = "nf4", device: object = "cpu") -> torch.Tensor:
+    """The 16-entry float32 codebook of `quant_type` ("nf4" or "fp4"), indexed by the 4-bit code."""
+    _check_quant_type(quant_type)
+    return _code_4bit(quant_type, torch.device(device)).clone()  # type: ignore[arg-type]
+
+
+@functools.cache
+def _code_4bit(quant_type: str, device: torch.device) -> torch.Tensor:
+    if quant_type == "nf4":
+        code = torch.tensor(_NF4_VALUES, dtype=torch.float32)
+    else:
+        mags = torch.tensor(_FP4_MAGNITUDES, dtype=torch.float32) / 12.0  # float32 quotients
+        code = torch.cat([mags, -mags])
+    return code.to(device)
+
+
+@dataclass(frozen=True, eq=False)
+class QuantState4bit:
+    """What `dequantize_4bit` needs besides the packed codes."""
+
+    absmax: torch.Tensor
+    """float32, one per block: ceil(numel / blocksize)."""
+    shape: torch.Size
+    """The shape of the quantized tensor (and of the dequantized one)."""
+    dtype: torch.dtype
+    blocksize: int
+    quant_type: str
+    """"nf4" or "fp4"."""
+    code: torch.Tensor
+    """The 16-entry float32 codebook of quant_type (informational: the kernels use their own copy)."""
+
+
+def _check_quant_type(quant_type: object) -> str:
+    if not isinstance(quant_type, str) or quant_type not in QUANT_TYPES_4BIT:
+        raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
+    return quant_type
+
+
+def _check_blocksize_4bit(blocksize: object) -> int:
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize not in BLOCKSIZES_4BIT:
+        raise ValueError(f"blocksize must be one of {', '.join(map(str, BLOCKSIZES_4BIT))}, got {blocksize!r}")
+    return blocksize
+
+
+def quantize_4bit(
+    A: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4"
+) -> tuple[torch.Tensor, QuantState4bit]:
+    """Quantize A to 4-bit codes block by block, bit-compatible with bitsandbytes' quantize_4bit:
+    each value becomes the code of the `quant_type` entry nearest to value / absmax(block) (see
+    kbit.h for the exact float32 rule and NaN/inf). Returns the codes packed two per byte (first value
+    in the high nibble) as a uint8 tensor of shape (ceil(numel / 2), 1), and the state."""
+    A = _check_tensor(A, "A")
+    if A.dtype not in _DTYPES:
+        raise TypeError(f"A must be {_DTYPE_NAMES}, got {A.dtype}")
+    blocksize = _check_blocksize_4bit(blocksize)
+    quant_type = _check_quant_type(quant_type)
+    if A.numel() == 0:
+        raise ValueError("A is empty: there is nothing to quantize")
+    _check_device(A, "A", A.device, "A")
+    _check_contiguous(A, "A")
+
+    n = A.numel()
+    packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=A.device)
+    absmax = torch.empty(math.ceil(n / blocksize), dtype=torch.float32, device=A.device)
+    lib = _library(A.device)
+    with _on_device(A.device):
+        lib.quantize_4bit(_DTYPES[A.dtype], QUANT_TYPES_4BIT.index(quant_type), A.data_ptr(), packed.data_ptr(),
+                          absmax.data_ptr(), n, blocksize, _stream(A.device))
+    return packed, QuantState4bit(absmax, A.shape, A.dtype, blocksize, quant_type, _code_4bit(quant_type, A.device))
+
+
+def dequantize_4bit(
+    packed: torch.Tensor, state: QuantState4bit, out: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """The values the packed codes stand for: code[c_i] * absmax[i // blocksize] (float32 product) in
+    state.dtype and state.shape (written into `out` when given)."""
+    packed = _check_tensor(packed, "packed")
+    if not isinstance(state, QuantState4bit):
+        raise TypeError(f"state must be a QuantState4bit (from quantize_4bit), got {type(state).__name__}")
+    if packed.dtype != torch.uint8:
+        raise TypeError(f"packed must be torch.uint8, got {packed.dtype}")
+    if state.dtype not in _DTYPES:
+        raise TypeError(f"state.dtype must be {_DTYPE_NAMES}, got {state.dtype}")
+    blocksize = _check_blocksize_4bit(state.blocksize)
+    quant_type = _check_quant_type(state.quant_type)
+    n = math.prod(state.shape)
+    if packed.numel() == 0 or n == 0:
+        raise ValueError("packed is empty: there is nothing to dequantize")
+    if packed.numel() != (n + 1) // 2:
+        raise ValueError(f"packed has {packed.numel()} bytes but state.shape {tuple(state.shape)} needs "
+                         f"{(n + 1) // 2} (two 4-bit codes per byte)")
+    device = packed.device
+    _check_device(packed, "packed", device, "packed")
+    _check_contiguous(packed, "packed")
+    absmax = _check_tensor(state.absmax, "state.absmax")
+    _check_device(absmax, "state.absmax", device, "packed")
+    blocks = math.ceil(n / blocksize)
+    if absmax.dtype != torch.float32 or absmax.numel() != blocks:
+        raise ValueError(f"state.absmax must hold {blocks} float32 values (one per block of {blocksize}), "
+                         f"got {absmax.numel()} of {absmax.dtype}")
+    _check_contiguous(absmax, "state.absmax")
+    if out is None:
+        out = torch.empty(state.shape, dtype=state.dtype, device=device)
+    else:
+        out = _check_tensor(out, "out")
+        if out.shape != state.shape or out.dtype != state.dtype:
+            raise ValueError(f"out must be {state.dtype} of shape {tuple(state.shape)}, "
+                             f"got {out.dtype} of shape {tuple(out.shape)}")
+        _check_device(out, "out", device, "packed")
+        _check_contiguous(out, "out")
+    lib = _library(device)
+    with _on_device(device):
+        lib.dequantize_4bit(_DTYPES[state.dtype], QUANT_TYPES_4BIT.index(quant_type), packed.data_ptr(),
+                            absmax.data_ptr(), out.data_ptr(), n, blocksize, _stream(device))
     return out
