@@ -1,4 +1,4 @@
-"""8-bit blockwise quantize/dequantize: kbit against bitsandbytes' CPU path and a memcpy yardstick.
+"""8-bit blockwise and NF4 quantize/dequantize: kbit against bitsandbytes' CPU path and a memcpy yardstick.
 
     python benchmarks/bench_blockwise.py [--n 4194304] [--repeat 15] [--json out.json]
 
@@ -59,13 +59,25 @@ def main() -> int:
             bd = median_ms(functools.partial(bnb.dequantize_blockwise, bcodes, bstate), args.repeat)
         rows.append(("quantize", blocksize, kq, bq))
         rows.append(("dequantize", blocksize, kd, bd))
+    for blocksize in (64,):
+        packed, state4 = F.quantize_4bit(A, blocksize=blocksize, quant_type="nf4")
+        out = torch.empty_like(A)
+        kq = median_ms(functools.partial(F.quantize_4bit, A, blocksize=blocksize, quant_type="nf4"), args.repeat)
+        kd = median_ms(functools.partial(F.dequantize_4bit, packed, state4, out=out), args.repeat)
+        bq = bd = None
+        if bnb is not None:
+            bpacked, bstate4 = bnb.quantize_4bit(A, blocksize=blocksize, quant_type="nf4")
+            bq = median_ms(functools.partial(bnb.quantize_4bit, A, blocksize=blocksize, quant_type="nf4"), args.repeat)
+            bd = median_ms(functools.partial(bnb.dequantize_4bit, bpacked, bstate4), args.repeat)
+        rows.append(("nf4 quant", blocksize, kq, bq))
+        rows.append(("nf4 dequant", blocksize, kd, bd))
 
-    print(f"8-bit blockwise, {args.n} fp32 values on CPU ({torch.get_num_threads()} torch threads); "
+    print(f"8-bit blockwise and NF4, {args.n} fp32 values on CPU ({torch.get_num_threads()} torch threads); "
           f"median of {args.repeat}; memcpy {memcpy:.2f} ms")
-    print(f"{'op':<11}{'block':>6}{'kbit ms':>10}{'bnb ms':>10}{'speed-up':>10}{'x memcpy':>10}")
+    print(f"{'op':<12}{'block':>6}{'kbit ms':>10}{'bnb ms':>10}{'speed-up':>10}{'x memcpy':>10}")
     for op, bs, k, b in rows:
         speed = f"{b / k:.2f}x" if b else "-"
-        print(f"{op:<11}{bs:>6}{k:>10.2f}{(b or float('nan')):>10.2f}{speed:>10}{k / memcpy:>10.2f}")
+        print(f"{op:<12}{bs:>6}{k:>10.2f}{(b or float('nan')):>10.2f}{speed:>10}{k / memcpy:>10.2f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"n": args.n, "memcpy_ms": memcpy,
