@@ -1,4 +1,4 @@
-"""Compare libkbit_cpu.so with bitsandbytes' CPU blockwise 8-bit kernels (the test oracle).
+"""Compare libkbit_cpu.so with bitsandbytes' CPU blockwise 8-bit and 4-bit (NF4/FP4) paths (the test oracle).
 
 Run: /work/venvs/oracle/bin/python tests/native/check_cpu_oracle.py [path/to/libkbit_cpu.so]
 (default: /tmp/kb-cpu/libkbit_cpu.so). Exits non-zero on any mismatch.
@@ -26,7 +26,52 @@ def load(path: str) -> ctypes.CDLL:
         fn.restype = ctypes.c_int
         fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                        ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p]
+    for name in ("kbit_quantize_4bit", "kbit_dequantize_4bit"):
+        fn = getattr(lib, name)
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                       ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p]
     return lib
+
+
+KBIT_QUANT = {"fp4": 0, "nf4": 1}
+
+
+def kbit_quantize_4bit(lib, A: torch.Tensor, quant_type: str, bs: int):
+    n = A.numel()
+    out = torch.empty((n + 1) // 2, 1, dtype=torch.uint8)
+    absmax = torch.empty(-(n // -bs), dtype=torch.float32)
+    st = lib.kbit_quantize_4bit(KBIT_DTYPES[A.dtype], KBIT_QUANT[quant_type], A.data_ptr(), out.data_ptr(),
+                                absmax.data_ptr(), n, bs, None)
+    assert st == 0, lib.kbit_status_string(st)
+    return out, absmax
+
+
+def kbit_dequantize_4bit(lib, packed: torch.Tensor, absmax: torch.Tensor, n: int, quant_type: str, bs: int, dtype):
+    out = torch.empty(n, dtype=dtype)
+    st = lib.kbit_dequantize_4bit(KBIT_DTYPES[dtype], KBIT_QUANT[quant_type], packed.data_ptr(), absmax.data_ptr(),
+                                  out.data_ptr(), n, bs, None)
+    assert st == 0, lib.kbit_status_string(st)
+    return out
+
+
+def check_4bit(lib) -> int:
+    failures = 0
+    torch.manual_seed(1)
+    for quant_type in KBIT_QUANT:
+        for dtype in KBIT_DTYPES:
+            for bs in (32, *BLOCKSIZES):
+                for n in (1, bs - 1, bs, 3 * bs + 7, 50 * bs + bs // 2 + 1, 1 << 16):
+                    A = (torch.randn(n) * torch.rand(n).pow(3) * 10).to(dtype)
+                    p_ref, st_ref = F.quantize_4bit(A, blocksize=bs, quant_type=quant_type)
+                    p, am = kbit_quantize_4bit(lib, A, quant_type, bs)
+                    dq_ref = F.dequantize_4bit(p_ref, st_ref).reshape(-1)
+                    dq = kbit_dequantize_4bit(lib, p, am, n, quant_type, bs, dtype)
+                    if not (torch.equal(p, p_ref) and torch.equal(am, st_ref.absmax) and torch.equal(dq, dq_ref)):
+                        failures += 1
+                        print(f"MISMATCH 4-bit {quant_type} {dtype} bs={bs} n={n}: codes {(p != p_ref).sum().item()} "
+                              f"absmax {(am != st_ref.absmax).sum().item()} dequant {(dq != dq_ref).sum().item()}")
+    return failures
 
 
 def kbit_quantize(lib, A: torch.Tensor, code: torch.Tensor, bs: int):
@@ -140,7 +185,7 @@ def main() -> int:
     lib = load(path)
     print(lib.kbit_build_info().decode())
     code = F.create_dynamic_map(signed=True).float().contiguous()
-    failures = check_equality(lib, code) + check_edges(lib, code)
+    failures = check_equality(lib, code) + check_edges(lib, code) + check_4bit(lib)
     print("oracle equality:", "OK" if failures == 0 else f"{failures} FAILURES")
     timing(lib, code)
     return 1 if failures else 0
