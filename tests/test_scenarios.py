@@ -6,7 +6,8 @@ in its manifest). The driver is a stub libcuda.so.1 built here from tests/stub_l
 LD_LIBRARY_PATH; its real file is named libcuda.so.<branch>.54.15, as a real driver's is, so the
 probe reads the branch from it (or the file is plain libcuda.so.1: branch unknown). torch enters as
 a test double on sys.path that only says `torch.version.cuda` (CPU-only torch: None); "no torch"
-runs the child with -S so no site-packages is seen. No kernel is launched: the stub cannot run one.
+runs the child with -S so no site-packages is seen. No kernel is launched (--no-self-test): the stub
+cannot run one.
 """
 
 from __future__ import annotations
@@ -276,7 +277,7 @@ def run_scenario(env: Env, scenario: Scenario, python: str = sys.executable) -> 
     for key, value in scenario.env.items():
         child[key] = str(root / "kbit" / value[1:]) if value.startswith("@") else value
     # -S: no site-packages, so neither a real torch nor an installed kbit is seen.
-    r = subprocess.run([python, "-S", "-m", "kbit", "--json"], env=child, capture_output=True, text=True,
+    r = subprocess.run([python, "-S", "-m", "kbit", "--json", "--no-self-test"], env=child, capture_output=True, text=True,
                        timeout=120, cwd=env.root)
     try:
         report = json.loads(r.stdout)

@@ -1,7 +1,7 @@
 """`python -m kbit [--json]`: what this machine has, what kbit bundles, and which library it uses.
 
 Exit status: 0 when the libraries kbit would use load; 1 when the manifest is missing or corrupt, a
-library fails to load, or an override in the environment is invalid.
+library fails to load, the self-test round trip fails, or an override in the environment is invalid.
 
 `python -m kbit verify` checks every bundled library against the manifest without loading it: 0
 when all match, 1 on any mismatch (one line per library either way).
@@ -38,7 +38,41 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
-def report(env: Optional[dict[str, str]] = None, probes: Optional[Probes] = None) -> dict[str, Any]:
+# The 8-bit dynamic code's widest gap is about 1/64 of absmax: a round trip off by more is broken.
+_SELF_TEST_TOLERANCE = 0.02
+
+
+def _self_test(probes: Probes, decision: dict[str, Any]) -> list[dict[str, Any]]:
+    """One small quantize/dequantize round trip on the CPU, and on GPU 0 when a CUDA library loaded."""
+    if not probes.torch.found:
+        return [{"device": "cpu", "skipped": f"needs torch ({probes.torch.error})"}]
+    devices = ["cpu"]
+    if decision.get("loaded"):
+        devices.append("cuda")
+    results: list[dict[str, Any]] = []
+    for device in devices:
+        try:
+            import torch
+
+            from . import functional as F
+
+            A = torch.linspace(-3.0, 3.0, 4096, device=device)
+            codes, state = F.quantize_blockwise(A, blocksize=256)
+            B = F.dequantize_blockwise(codes, state)
+            scale = state.absmax.repeat_interleave(256)
+            err = float(((A - B).abs() / scale).max().item())
+        except Exception as e:  # report any failure as the self-test's result, never a traceback
+            results.append({"device": device, "error": f"{type(e).__name__}: {e}"})
+            continue
+        entry: dict[str, Any] = {"device": device, "max_relative_error": err}
+        if not err <= _SELF_TEST_TOLERANCE:
+            entry["error"] = f"round trip error {err:.4g} > {_SELF_TEST_TOLERANCE} of absmax"
+        results.append(entry)
+    return results
+
+
+def report(env: Optional[dict[str, str]] = None, probes: Optional[Probes] = None,
+           self_test: bool = False) -> dict[str, Any]:
     env = dict(os.environ) if env is None else env
     probes = probe_all() if probes is None else probes
     manifest = probe_manifest(_native.PACKAGE_DIR)
@@ -75,6 +109,9 @@ def report(env: Optional[dict[str, str]] = None, probes: Optional[Probes] = None
     except KbitError as e:
         out["decision"] = {"error": str(e)}
         errors.append(str(e))
+    if self_test:
+        out["self_test"] = _self_test(probes, out["decision"])
+        errors += [f"self-test on {t['device']}: {t['error']}" for t in out["self_test"] if "error" in t]
     out["ok"] = not errors
     out["errors"] = list(dict.fromkeys(errors))  # one manifest problem fails both loads: say it once
     return out
@@ -118,6 +155,9 @@ def _text(r: dict[str, Any]) -> str:
         for f in dec["failures"]:
             lines.append(f"  failed    {f['file']:<22} {f['why']}")
         lines.append(f"choice     {dec['reason']}")
+    for t in r.get("self_test", []):
+        result = t.get("error") or t.get("skipped") or f"ok (max error {t['max_relative_error']:.4f} of absmax)"
+        lines.append(f"self-test  {t['device']}: {result}")
     lines.append("status     " + ("ok" if r["ok"] else "FAILED: " + " | ".join(r["errors"])))
     return "\n".join(lines)
 
@@ -139,10 +179,12 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="verify: check every bundled library against the manifest (sha256, ABI "
                              "symbols, cubin/PTX archs); exit 1 on any mismatch")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--no-self-test", action="store_true",
+                        help="skip the quantize/dequantize round trip on the chosen backend(s)")
     args = parser.parse_args(argv)
     if args.command == "verify":
         return _verify()
-    r = report()
+    r = report(self_test=not args.no_self_test)
     print(json.dumps(r, indent=2) if args.json else _text(r))
     return 0 if r["ok"] else 1
 
