@@ -146,9 +146,6 @@ struct Quantize4Job {
   float* absmax;
   int64_t n;
   int64_t blocksize;
-  int32_t base;
-  int32_t deltas[15];
-  float bounds[15];
 };
 
 /* max |v| on the bits, NaN propagating (NaN's bits are above infinity's), as torch's max. */
@@ -171,13 +168,16 @@ float block_absmax4(const void* A, int64_t start, int64_t len) {
   return kbit_bits_f32(r);
 }
 
-template <typename L>
+/* QT is the quant type as a compile-time constant: the midpoints and code steps then fold into
+ * immediates (NF4's steps are all 1), which keeps the per-value loop to compares and adds. */
+template <typename L, int QT>
 void quantize4_range(void* ctx, int64_t first_block, int64_t end_block) {
   const Quantize4Job& job = *static_cast<const Quantize4Job*>(ctx);
   float bounds[15]; /* local copies: no aliasing with `out` */
   int32_t deltas[15];
-  for (int k = 0; k < 15; ++k) bounds[k] = job.bounds[k], deltas[k] = job.deltas[k];
-  const int32_t base = job.base;
+#pragma GCC unroll 15
+  for (int k = 0; k < 15; ++k) bounds[k] = kbit_bound4(QT, k), deltas[k] = kbit_code4_delta(QT, k);
+  const int32_t base = kbit_code4_base(QT);
   const int32_t zero_code = kbit_quantize4_code(bounds, deltas, base, 0.0f); /* the padding nibble of an odd n */
   uint8_t* __restrict out = job.out;
   int32_t code[kQuantizeChunk + 1];
@@ -301,15 +301,19 @@ KBIT_API int kbit_quantize_4bit(int dtype, int quant_type, const void* A, uint8_
   job.absmax = absmax;
   job.n = n;
   job.blocksize = blocksize;
-  job.base = kbit_code4_base(quant_type);
-  for (int k = 0; k < 15; ++k) job.bounds[k] = kbit_bound4(quant_type, k), job.deltas[k] = kbit_code4_delta(quant_type, k);
   int64_t blocks = (n + blocksize - 1) / blocksize;
   int64_t grain = kValuesPerChunk / blocksize > 0 ? kValuesPerChunk / blocksize : 1;
-  switch (dtype) {
-    case KBIT_DTYPE_F32: parallel_for(blocks, grain, quantize4_range<LoadF32>, &job); break;
-    case KBIT_DTYPE_F16: parallel_for(blocks, grain, quantize4_range<LoadF16>, &job); break;
-    default: parallel_for(blocks, grain, quantize4_range<LoadBF16>, &job); break;
+  range_fn fn;
+  if (quant_type == KBIT_QUANT_NF4) {
+    fn = dtype == KBIT_DTYPE_F32   ? quantize4_range<LoadF32, KBIT_QUANT_NF4>
+         : dtype == KBIT_DTYPE_F16 ? quantize4_range<LoadF16, KBIT_QUANT_NF4>
+                                   : quantize4_range<LoadBF16, KBIT_QUANT_NF4>;
+  } else {
+    fn = dtype == KBIT_DTYPE_F32   ? quantize4_range<LoadF32, KBIT_QUANT_FP4>
+         : dtype == KBIT_DTYPE_F16 ? quantize4_range<LoadF16, KBIT_QUANT_FP4>
+                                   : quantize4_range<LoadBF16, KBIT_QUANT_FP4>;
   }
+  parallel_for(blocks, grain, fn, &job);
   return KBIT_OK;
 }
 
