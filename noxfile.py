@@ -44,6 +44,8 @@ def _build_args(posargs: list[str]) -> argparse.Namespace:
     mode.add_argument("--container", dest="mode", action="store_const", const="container",
                       help="use the per-CUDA build containers (the default where podman or docker runs)")
     p.add_argument("--no-cuda", action="store_true", help="build only the CPU library into the wheel")
+    p.add_argument("--arch", action="append", default=[], metavar="XY",
+                   help="also compile a cubin for sm_XY (repeatable), e.g. 61 for a Pascal GPU no row covers")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 2)
     p.set_defaults(mode="auto")
     return p.parse_args(posargs)
@@ -63,7 +65,7 @@ def _revision() -> str:
 def _stage_cuda_libraries(session: nox.Session, args: argparse.Namespace, revision: str) -> list[dict]:
     """Build each selected row's library and stage it, with its build record, in build/stage/."""
     from kbit_ci.build_row import available_rows, build_row
-    from kbit_ci.matrix import load_matrix, select_rows
+    from kbit_ci.matrix import load_matrix, select_rows, with_extra_archs
     from kbit_ci.proc import log
 
     STAGE.mkdir(parents=True, exist_ok=True)
@@ -71,8 +73,8 @@ def _stage_cuda_libraries(session: nox.Session, args: argparse.Namespace, revisi
         old.unlink()
     if args.no_cuda:
         return []
-    rows = load_matrix()
-    availability = available_rows(select_rows(rows, args.cuda), args.mode)
+    rows = with_extra_archs(select_rows(load_matrix(), args.cuda), args.arch)
+    availability = available_rows(rows, args.mode)
     chosen = []
     for row, why_not in availability:
         if why_not is None:

@@ -116,3 +116,14 @@ def test_bad_matrix_is_refused(tmp_path):
     )
     with pytest.raises(MatrixError, match="ascending"):
         load_matrix(bad)
+
+
+def test_extra_archs_add_cubins_and_keep_the_ptx():
+    from kbit_ci.matrix import with_extra_archs
+
+    (row,) = with_extra_archs(select_rows(ROWS, ["12.4"]), ["61", "sm_61"])
+    assert list(row.archs) == ["61", *BASE] and row.ptx == "90"
+    assert row.cmake_archs.startswith("61-real;70-real")
+    assert with_extra_archs(ROWS, []) == ROWS
+    with pytest.raises(MatrixError, match="compute capability"):
+        with_extra_archs(ROWS, ["pascal"])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 
@@ -12,7 +12,7 @@ from kbit._versions import CudaVersion, cuda_library_name
 
 from . import REPO
 
-__all__ = ["MATRIX_FILE", "DebianSource", "PypiSource", "Row", "load_matrix", "select_rows"]
+__all__ = ["MATRIX_FILE", "DebianSource", "PypiSource", "Row", "load_matrix", "select_rows", "with_extra_archs"]
 
 MATRIX_FILE = REPO / "ci" / "matrix.toml"
 
@@ -167,4 +167,25 @@ def select_rows(rows: tuple[Row, ...], wanted: list[str]) -> tuple[Row, ...]:
             known = ", ".join(str(r.cuda) for r in rows)
             raise MatrixError(f"CUDA {v} is not in ci/matrix.toml (rows: {known})")
         out.append(by_version[v])
+    return tuple(out)
+
+
+def with_extra_archs(rows: tuple[Row, ...], extra: list[str]) -> tuple[Row, ...]:
+    """The rows with cubins for `extra` archs too ("61", "sm_61"), for GPUs no row covers.
+
+    The PTX arch stays the row's top arch; an arch the row's nvcc cannot compile fails the build with
+    nvcc's own message.
+    """
+    if not extra:
+        return rows
+    wanted = set()
+    for arch in extra:
+        a = arch.strip().lower().removeprefix("sm_")
+        if not a.isdigit() or len(a) < 2:
+            raise MatrixError(f"--arch {arch!r}: expected a compute capability like 61 or sm_61")
+        wanted.add(a)
+    out = []
+    for row in rows:
+        archs = tuple(sorted(set(row.archs) | wanted, key=_arch_key))
+        out.append(replace(row, archs=archs))
     return tuple(out)
