@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -122,6 +122,30 @@ def _check_contiguous(t: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} is not contiguous: call {name}.contiguous() first")
 
 
+def _check_absmax(state_absmax: Any, n: int, blocksize: int, device: torch.device, ref: str) -> torch.Tensor:
+    """state.absmax: float32, one per block, on `device` (the device of `ref`), contiguous."""
+    absmax = _check_tensor(state_absmax, "state.absmax")
+    _check_device(absmax, "state.absmax", device, ref)
+    blocks = math.ceil(n / blocksize)
+    if absmax.dtype != torch.float32 or absmax.numel() != blocks:
+        raise ValueError(f"state.absmax must hold {blocks} float32 values (one per block of {blocksize}), "
+                         f"got {absmax.numel()} of {absmax.dtype}")
+    _check_contiguous(absmax, "state.absmax")
+    return absmax
+
+
+def _dequantize_out(out: Any, shape: torch.Size, dtype: torch.dtype, device: torch.device, ref: str) -> torch.Tensor:
+    """The output of a dequantize: a new tensor, or the caller's `out` once checked."""
+    if out is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    out = _check_tensor(out, "out")
+    if out.shape != shape or out.dtype != dtype:
+        raise ValueError(f"out must be {dtype} of shape {tuple(shape)}, got {out.dtype} of shape {tuple(out.shape)}")
+    _check_device(out, "out", device, ref)
+    _check_contiguous(out, "out")
+    return out
+
+
 def _check_device(t: torch.Tensor, name: str, device: torch.device, ref: str) -> None:
     if t.device != device:
         raise ValueError(f"{name} is on {t.device} but {ref} is on {device}: move them to one device")
@@ -215,23 +239,9 @@ def dequantize_blockwise(
     device = codes.device
     _check_device(codes, "codes", device, "codes")
     _check_contiguous(codes, "codes")
-    absmax = _check_tensor(state.absmax, "state.absmax")
-    _check_device(absmax, "state.absmax", device, "codes")
-    blocks = math.ceil(n / blocksize)
-    if absmax.dtype != torch.float32 or absmax.numel() != blocks:
-        raise ValueError(f"state.absmax must hold {blocks} float32 values (one per block of {blocksize}), "
-                         f"got {absmax.numel()} of {absmax.dtype}")
-    _check_contiguous(absmax, "state.absmax")
+    absmax = _check_absmax(state.absmax, n, blocksize, device, "codes")
     code = _check_code(state.code, device, "codes")
-    if out is None:
-        out = torch.empty(state.shape, dtype=state.dtype, device=device)
-    else:
-        out = _check_tensor(out, "out")
-        if out.shape != state.shape or out.dtype != state.dtype:
-            raise ValueError(f"out must be {state.dtype} of shape {tuple(state.shape)}, "
-                             f"got {out.dtype} of shape {tuple(out.shape)}")
-        _check_device(out, "out", device, "codes")
-        _check_contiguous(out, "out")
+    out = _dequantize_out(out, state.shape, state.dtype, device, "codes")
     lib = _library(device)
     with _on_device(device):
         lib.dequantize_blockwise_8bit(_DTYPES[state.dtype], codes.data_ptr(), code.data_ptr(), absmax.data_ptr(),
@@ -336,22 +346,8 @@ def dequantize_4bit(
     device = packed.device
     _check_device(packed, "packed", device, "packed")
     _check_contiguous(packed, "packed")
-    absmax = _check_tensor(state.absmax, "state.absmax")
-    _check_device(absmax, "state.absmax", device, "packed")
-    blocks = math.ceil(n / blocksize)
-    if absmax.dtype != torch.float32 or absmax.numel() != blocks:
-        raise ValueError(f"state.absmax must hold {blocks} float32 values (one per block of {blocksize}), "
-                         f"got {absmax.numel()} of {absmax.dtype}")
-    _check_contiguous(absmax, "state.absmax")
-    if out is None:
-        out = torch.empty(state.shape, dtype=state.dtype, device=device)
-    else:
-        out = _check_tensor(out, "out")
-        if out.shape != state.shape or out.dtype != state.dtype:
-            raise ValueError(f"out must be {state.dtype} of shape {tuple(state.shape)}, "
-                             f"got {out.dtype} of shape {tuple(out.shape)}")
-        _check_device(out, "out", device, "packed")
-        _check_contiguous(out, "out")
+    absmax = _check_absmax(state.absmax, n, blocksize, device, "packed")
+    out = _dequantize_out(out, state.shape, state.dtype, device, "packed")
     lib = _library(device)
     with _on_device(device):
         lib.dequantize_4bit(_DTYPES[state.dtype], QUANT_TYPES_4BIT.index(quant_type), packed.data_ptr(),
