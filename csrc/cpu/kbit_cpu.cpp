@@ -67,23 +67,24 @@ struct QuantizeJob {
   int64_t blocksize;
 };
 
-template <typename L>
+/* max |A[i]| of one block, on the bits: for |v| the IEEE order is the integer order, so the max is
+ * an integer max, which vectorizes without fast-math flags; 8 independent partial maxima.
+ * IGNORE_NAN: a NaN (bits above infinity's) counts as 0 and never wins, as bitsandbytes' 8-bit path
+ * computes it; otherwise a NaN propagates (its bits win), as its 4-bit path (torch's max) does. */
+template <typename L, bool IGNORE_NAN>
 float block_absmax(const void* A, int64_t start, int64_t len) {
-  /* On the bits: for |v| the IEEE order is the integer order, so the max is an integer max, which
-   * vectorizes without fast-math flags. A NaN (bits above infinity's) counts as 0, so it never wins,
-   * matching bitsandbytes, which ignores NaN in absmax. 8 independent partial maxima. */
   uint32_t m[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t i = 0;
   for (; i + 8 <= len; i += 8)
 #pragma GCC unroll 8
     for (int k = 0; k < 8; ++k) {
       uint32_t u = kbit_f32_bits(L::load(A, start + i + k)) & 0x7fffffffu;
-      u = u > 0x7f800000u ? 0u : u;
+      if (IGNORE_NAN) u = u > 0x7f800000u ? 0u : u;
       m[k] = u > m[k] ? u : m[k];
     }
   for (; i < len; ++i) {
     uint32_t u = kbit_f32_bits(L::load(A, start + i)) & 0x7fffffffu;
-    u = u > 0x7f800000u ? 0u : u;
+    if (IGNORE_NAN) u = u > 0x7f800000u ? 0u : u;
     m[0] = u > m[0] ? u : m[0];
   }
   uint32_t r = m[0];
@@ -99,7 +100,7 @@ void quantize_range(void* ctx, int64_t first_block, int64_t end_block) {
   for (int64_t b = first_block; b < end_block; ++b) {
     int64_t start = b * job.blocksize;
     int64_t len = job.n - start < job.blocksize ? job.n - start : job.blocksize;
-    float m = block_absmax<L>(job.A, start, len);
+    float m = block_absmax<L, true>(job.A, start, len);
     job.absmax[b] = m;
     if (table != NULL) {
       /* Two passes per chunk: the arithmetic (load, divide, snap to the grid) vectorizes; the
@@ -149,26 +150,6 @@ struct Quantize4Job {
   int64_t blocksize;
 };
 
-/* max |v| on the bits, NaN propagating (NaN's bits are above infinity's), as torch's max. */
-template <typename L>
-float block_absmax4(const void* A, int64_t start, int64_t len) {
-  uint32_t m[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 8 <= len; i += 8)
-#pragma GCC unroll 8
-    for (int k = 0; k < 8; ++k) {
-      uint32_t u = kbit_f32_bits(L::load(A, start + i + k)) & 0x7fffffffu;
-      m[k] = u > m[k] ? u : m[k];
-    }
-  for (; i < len; ++i) {
-    uint32_t u = kbit_f32_bits(L::load(A, start + i)) & 0x7fffffffu;
-    m[0] = u > m[0] ? u : m[0];
-  }
-  uint32_t r = m[0];
-  for (int k = 1; k < 8; ++k) r = m[k] > r ? m[k] : r;
-  return kbit_bits_f32(r);
-}
-
 /* QT is the quant type as a compile-time constant: the midpoints and code steps then fold into
  * immediates (NF4's steps are all 1), which keeps the per-value loop to compares and adds. */
 template <typename L, int QT>
@@ -186,7 +167,7 @@ void quantize4_range(void* ctx, int64_t first_block, int64_t end_block) {
     int64_t start = b * job.blocksize;
     int64_t len = job.n - start < job.blocksize ? job.n - start : job.blocksize;
     bool partial = len < job.blocksize;
-    float m = block_absmax4<L>(job.A, start, len);
+    float m = block_absmax<L, false>(job.A, start, len);
     float scale = kbit_absmax4_scale(m);
     job.absmax[b] = partial ? scale : m;
     float inv = 1.0f / scale;
