@@ -108,6 +108,31 @@ int launch_status() {
   return err == cudaSuccess ? KBIT_OK : KBIT_STATUS_CUDA_BASE + (int)err;
 }
 
+template <int D>
+struct DtypeTag {
+  static constexpr int value = D;
+};
+
+/* Calls launch(DtypeTag<dtype>{}) with the element type as a compile-time constant (dtype was
+ * checked by the caller), then reports the launch's status. */
+template <typename Launch>
+int launch_for_dtype(int dtype, Launch launch) {
+  /* Clear an earlier, unrelated sticky-free error so it is not reported as ours. */
+  (void)cudaGetLastError();
+  switch (dtype) {
+    case KBIT_DTYPE_F32:
+      launch(DtypeTag<KBIT_DTYPE_F32>{});
+      break;
+    case KBIT_DTYPE_F16:
+      launch(DtypeTag<KBIT_DTYPE_F16>{});
+      break;
+    default:
+      launch(DtypeTag<KBIT_DTYPE_BF16>{});
+      break;
+  }
+  return launch_status();
+}
+
 /* ---- 4-bit ---- */
 
 const int kQuantize4MaxThreads = 256;
@@ -229,91 +254,50 @@ KBIT_API int kbit_quantize_blockwise_8bit(int dtype, const void* A, const float*
                                           int64_t n, int32_t blocksize, void* stream) {
   int status = check_blockwise8(dtype, A, code, out, absmax, n, blocksize);
   if (status != KBIT_OK || n == 0) return status;
-  /* Clear an earlier, unrelated sticky-free error so it is not reported as ours. */
-  (void)cudaGetLastError();
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   int64_t blocks = (n + blocksize - 1) / blocksize;
   dim3 grid((unsigned)grid_size(blocks, kMaxGrid));
-  switch (dtype) {
-    case KBIT_DTYPE_F32:
-      quantize_blockwise8_kernel<KBIT_DTYPE_F32><<<grid, kQuantizeThreads, 0, s>>>(A, code, out, absmax, n, blocksize, blocks);
-      break;
-    case KBIT_DTYPE_F16:
-      quantize_blockwise8_kernel<KBIT_DTYPE_F16><<<grid, kQuantizeThreads, 0, s>>>(A, code, out, absmax, n, blocksize, blocks);
-      break;
-    default:
-      quantize_blockwise8_kernel<KBIT_DTYPE_BF16><<<grid, kQuantizeThreads, 0, s>>>(A, code, out, absmax, n, blocksize, blocks);
-      break;
-  }
-  return launch_status();
+  return launch_for_dtype(dtype, [&](auto tag) {
+    quantize_blockwise8_kernel<decltype(tag)::value><<<grid, kQuantizeThreads, 0, s>>>(A, code, out, absmax, n, blocksize, blocks);
+  });
 }
 
 KBIT_API int kbit_dequantize_blockwise_8bit(int dtype, const uint8_t* codes, const float* code, const float* absmax,
                                             void* out, int64_t n, int32_t blocksize, void* stream) {
   int status = check_blockwise8(dtype, out, code, codes, absmax, n, blocksize);
   if (status != KBIT_OK || n == 0) return status;
-  (void)cudaGetLastError();
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   int32_t log2_bs = log2_pow2(blocksize);
   dim3 grid((unsigned)grid_size((n + kDequantizeThreads - 1) / kDequantizeThreads, kMaxGrid));
-  switch (dtype) {
-    case KBIT_DTYPE_F32:
-      dequantize_blockwise8_kernel<KBIT_DTYPE_F32><<<grid, kDequantizeThreads, 0, s>>>(codes, code, absmax, out, n, log2_bs);
-      break;
-    case KBIT_DTYPE_F16:
-      dequantize_blockwise8_kernel<KBIT_DTYPE_F16><<<grid, kDequantizeThreads, 0, s>>>(codes, code, absmax, out, n, log2_bs);
-      break;
-    default:
-      dequantize_blockwise8_kernel<KBIT_DTYPE_BF16><<<grid, kDequantizeThreads, 0, s>>>(codes, code, absmax, out, n, log2_bs);
-      break;
-  }
-  return launch_status();
+  return launch_for_dtype(dtype, [&](auto tag) {
+    dequantize_blockwise8_kernel<decltype(tag)::value><<<grid, kDequantizeThreads, 0, s>>>(codes, code, absmax, out, n, log2_bs);
+  });
 }
 
 KBIT_API int kbit_quantize_4bit(int dtype, int quant_type, const void* A, uint8_t* out, float* absmax, int64_t n,
                                 int32_t blocksize, void* stream) {
   int status = check_blockwise4(dtype, quant_type, A, out, absmax, n, blocksize);
   if (status != KBIT_OK || n == 0) return status;
-  (void)cudaGetLastError();
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   int64_t blocks = (n + blocksize - 1) / blocksize;
   int threads = blocksize / 2 < 32 ? 32 : (blocksize / 2 > kQuantize4MaxThreads ? kQuantize4MaxThreads : blocksize / 2);
   dim3 grid((unsigned)grid_size(blocks, kMaxGrid));
-  switch (dtype) {
-    case KBIT_DTYPE_F32:
-      quantize4_kernel<KBIT_DTYPE_F32><<<grid, threads, 0, s>>>(A, quant_type, out, absmax, n, blocksize, blocks);
-      break;
-    case KBIT_DTYPE_F16:
-      quantize4_kernel<KBIT_DTYPE_F16><<<grid, threads, 0, s>>>(A, quant_type, out, absmax, n, blocksize, blocks);
-      break;
-    default:
-      quantize4_kernel<KBIT_DTYPE_BF16><<<grid, threads, 0, s>>>(A, quant_type, out, absmax, n, blocksize, blocks);
-      break;
-  }
-  return launch_status();
+  return launch_for_dtype(dtype, [&](auto tag) {
+    quantize4_kernel<decltype(tag)::value><<<grid, threads, 0, s>>>(A, quant_type, out, absmax, n, blocksize, blocks);
+  });
 }
 
 KBIT_API int kbit_dequantize_4bit(int dtype, int quant_type, const uint8_t* packed, const float* absmax, void* out,
                                   int64_t n, int32_t blocksize, void* stream) {
   int status = check_blockwise4(dtype, quant_type, out, packed, absmax, n, blocksize);
   if (status != KBIT_OK || n == 0) return status;
-  (void)cudaGetLastError();
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   int32_t log2_bs = log2_pow2(blocksize);
   int64_t bytes = (n + 1) / 2;
   dim3 grid((unsigned)grid_size((bytes + kDequantize4Threads - 1) / kDequantize4Threads, kMaxGrid));
-  switch (dtype) {
-    case KBIT_DTYPE_F32:
-      dequantize4_kernel<KBIT_DTYPE_F32><<<grid, kDequantize4Threads, 0, s>>>(packed, quant_type, absmax, out, n, log2_bs);
-      break;
-    case KBIT_DTYPE_F16:
-      dequantize4_kernel<KBIT_DTYPE_F16><<<grid, kDequantize4Threads, 0, s>>>(packed, quant_type, absmax, out, n, log2_bs);
-      break;
-    default:
-      dequantize4_kernel<KBIT_DTYPE_BF16><<<grid, kDequantize4Threads, 0, s>>>(packed, quant_type, absmax, out, n, log2_bs);
-      break;
-  }
-  return launch_status();
+  return launch_for_dtype(dtype, [&](auto tag) {
+    dequantize4_kernel<decltype(tag)::value><<<grid, kDequantize4Threads, 0, s>>>(packed, quant_type, absmax, out, n, log2_bs);
+  });
 }
 
 }  // extern "C"
