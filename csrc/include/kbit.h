@@ -29,7 +29,7 @@
 extern "C" {
 #endif
 
-#define KBIT_ABI_VERSION 1
+#define KBIT_ABI_VERSION 2
 
 /* Status codes. */
 #define KBIT_OK 0
@@ -120,6 +120,49 @@ KBIT_API int kbit_quantize_4bit(int dtype, int quant_type, const void* A, uint8_
 /* out[i] = codebook[code of value i] * absmax[i / blocksize] (float32 product), written as dtype. */
 KBIT_API int kbit_dequantize_4bit(int dtype, int quant_type, const uint8_t* packed, const float* absmax, void* out,
                                   int64_t n, int32_t blocksize, void* stream);
+
+/*
+ * 4-bit GEMV (one token of inference): out = W' · A (+ bias), without materializing W'.
+ *
+ * W is a weight of n_out rows by k_in columns (row-major, as nn.Linear's weight) quantized as one flat
+ * tensor of n_out * k_in values by kbit_quantize_4bit(quant_type, blocksize): packed holds
+ * ceil(n_out * k_in / 2) bytes and absmax ceil(n_out * k_in / blocksize) floats; a block may straddle
+ * two rows when k_in is not a multiple of blocksize. W'[j][k] is the dequantized value (codebook entry
+ * times its block's absmax, float32). A holds k_in values of dtype, bias n_out values of dtype or is
+ * NULL, out n_out values of dtype:
+ *   out[j] = sum_k A[k] * W'[j][k] (+ bias[j]),
+ * accumulated in float32 (the summation order is the kernel's), then rounded once to dtype.
+ * out must not overlap A, bias, packed or absmax.
+ */
+KBIT_API int kbit_gemv_4bit(int dtype, int quant_type, const void* A, const uint8_t* packed, const float* absmax,
+                            const void* bias, void* out, int64_t n_out, int64_t k_in, int32_t blocksize,
+                            void* stream);
+
+/* Block of the 8-bit optimizers: one absmax per KBIT_OPTIM8_BLOCKSIZE values of each state. */
+#define KBIT_OPTIM8_BLOCKSIZE 256
+
+/*
+ * One step of 8-bit blockwise Adam (decoupled_weight_decay = 0) or AdamW (1), in place.
+ *
+ * p and g hold n values of dtype; state1 (first moment m) and state2 (second moment v) n uint8 codes;
+ * absmax1 and absmax2 ceil(n / KBIT_OPTIM8_BLOCKSIZE) floats; qmap1 (signed) and qmap2 (unsigned) are
+ * KBIT_CODEBOOK8_SIZE float32 codebooks sorted ascending. For each value, all float32:
+ *   g  = g * gnorm_scale                       (gnorm_scale = 1: no gradient scaling)
+ *   Adam:  g += weight_decay * p               AdamW: p *= 1 - lr * weight_decay
+ *   m  = beta1 * m + (1 - beta1) * g           (m, v dequantized: qmap[code] * absmax of the block)
+ *   v  = beta2 * v + (1 - beta2) * g * g
+ *   p -= lr * (m / (1 - beta1^step)) / (sqrt(v / (1 - beta2^step)) + eps)
+ * then each block of m and v is requantized: its new absmax is the block's max |value|, each value
+ * gets the code of the qmap entry nearest to value / absmax (an all-zero block stores absmax 0 and
+ * codes of the entry nearest 0). step >= 1 is the step count after this step. p is written back as
+ * dtype (rounded to nearest). A non-finite g makes its block's states and parameters non-finite, as
+ * in torch.optim.Adam; skipping such steps is the caller's choice. All states must start zeroed.
+ */
+KBIT_API int kbit_adam_8bit_blockwise(int dtype, void* p, const void* g, uint8_t* state1, uint8_t* state2,
+                                      float* absmax1, float* absmax2, const float* qmap1, const float* qmap2,
+                                      float beta1, float beta2, float eps, float weight_decay, float lr,
+                                      int32_t step, float gnorm_scale, int decoupled_weight_decay, int64_t n,
+                                      void* stream);
 
 #ifdef __cplusplus
 }

@@ -39,13 +39,14 @@ __all__ = [
     "open_library",
 ]
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 """The KBIT_ABI_VERSION of kbit.h this runtime was written for."""
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 logger = logging.getLogger("kbit")
 
-_c_void_p, _c_int, _c_int32, _c_int64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int32, ctypes.c_int64
+_c_void_p, _c_int, _c_int32, _c_int64, _c_float = (
+    ctypes.c_void_p, ctypes.c_int, ctypes.c_int32, ctypes.c_int64, ctypes.c_float)
 
 # name: (restype, argtypes), from kbit.h.
 _SIGNATURES: Mapping[str, tuple[Any, list[Any]]] = {
@@ -100,6 +101,18 @@ class NativeLibrary:
     def dequantize_4bit(self, dtype: int, quant_type: int, packed: int, absmax: int, out: int, n: int,
                         blocksize: int, stream: Optional[int]) -> None:
         self._call("kbit_dequantize_4bit", dtype, quant_type, packed, absmax, out, n, blocksize, stream)
+
+    def gemv_4bit(self, dtype: int, quant_type: int, A: int, packed: int, absmax: int, bias: Optional[int],
+                  out: int, n_out: int, k_in: int, blocksize: int, stream: Optional[int]) -> None:
+        self._call("kbit_gemv_4bit", dtype, quant_type, A, packed, absmax, bias, out, n_out, k_in, blocksize,
+                   stream)
+
+    def adam_8bit_blockwise(self, dtype: int, p: int, g: int, state1: int, state2: int, absmax1: int,
+                            absmax2: int, qmap1: int, qmap2: int, beta1: float, beta2: float, eps: float,
+                            weight_decay: float, lr: float, step: int, gnorm_scale: float, decoupled: bool,
+                            n: int, stream: Optional[int]) -> None:
+        self._call("kbit_adam_8bit_blockwise", dtype, p, g, state1, state2, absmax1, absmax2, qmap1, qmap2,
+                   beta1, beta2, eps, weight_decay, lr, step, gnorm_scale, int(decoupled), n, stream)
 
 
 @dataclass(frozen=True)
