@@ -75,6 +75,56 @@ inline const char* kbit_own_status_string(int status) {
   }
 }
 
+/* ---- 4-bit GEMV and 8-bit optimizers ---- */
+
+/* Checks of kbit_gemv_4bit. n_out == 0 is a no-op (pointers may be NULL); k_in == 0 writes bias (or
+ * 0) to out, so only out (and bias if given) are used. The n_out * k_in values of W must be
+ * addressable in bytes of the largest dtype: overflow is KBIT_ERR_TOO_LARGE. */
+inline int check_gemv4(int dtype, int quant_type, const void* A, const void* packed, const void* absmax, const void* out,
+                       int64_t n_out, int64_t k_in, int32_t blocksize) {
+  if (n_out < 0 || k_in < 0) return KBIT_ERR_INVALID_ARGUMENT;
+  if (!is_supported_dtype(dtype)) return KBIT_ERR_UNSUPPORTED_DTYPE;
+  if (!is_quant_type4(quant_type)) return KBIT_ERR_UNSUPPORTED_QUANT_TYPE;
+  if (!is_blockwise4_blocksize(blocksize)) return KBIT_ERR_UNSUPPORTED_BLOCKSIZE;
+  if (n_out == 0) return KBIT_OK;
+  if (out == NULL) return KBIT_ERR_INVALID_ARGUMENT;
+  if (k_in > 0 && (A == NULL || packed == NULL || absmax == NULL)) return KBIT_ERR_INVALID_ARGUMENT;
+  if (n_out > INT64_MAX / 8 || (k_in > 0 && n_out > (INT64_MAX / 8) / k_in)) return KBIT_ERR_TOO_LARGE;
+  return KBIT_OK;
+}
+
+/* A finite float in [lo, hi) (hi_open) or [lo, hi]; NaN fails every comparison. */
+inline bool float_in(float v, float lo, float hi, bool hi_open) {
+  if (!(v >= lo)) return false;
+  if (hi_open ? !(v < hi) : !(v <= hi)) return false;
+  return v - v == 0.0f; /* finite */
+}
+
+/* Checks of kbit_adam_8bit_blockwise: hyperparameters first (so bad ones are reported even for
+ * n == 0), then the pointers, then the size. beta1, beta2 in [0, 1); eps, weight_decay, lr,
+ * gnorm_scale finite and >= 0; step >= 1; decoupled_weight_decay 0 or 1; AdamW's decay factor
+ * 1 - lr * weight_decay must be finite. */
+inline int check_adam8(int dtype, const void* p, const void* g, const void* state1, const void* state2,
+                       const void* absmax1, const void* absmax2, const void* qmap1, const void* qmap2, float beta1,
+                       float beta2, float eps, float weight_decay, float lr, int32_t step, float gnorm_scale,
+                       int decoupled_weight_decay, int64_t n) {
+  const float kBig = 3.0e38f;
+  if (n < 0) return KBIT_ERR_INVALID_ARGUMENT;
+  if (!is_supported_dtype(dtype)) return KBIT_ERR_UNSUPPORTED_DTYPE;
+  if (!float_in(beta1, 0.0f, 1.0f, true) || !float_in(beta2, 0.0f, 1.0f, true)) return KBIT_ERR_INVALID_ARGUMENT;
+  if (!float_in(eps, 0.0f, kBig, false) || !float_in(weight_decay, 0.0f, kBig, false) ||
+      !float_in(lr, 0.0f, kBig, false) || !float_in(gnorm_scale, 0.0f, kBig, false))
+    return KBIT_ERR_INVALID_ARGUMENT;
+  if (step < 1) return KBIT_ERR_INVALID_ARGUMENT;
+  if (decoupled_weight_decay != 0 && decoupled_weight_decay != 1) return KBIT_ERR_INVALID_ARGUMENT;
+  if (n == 0) return KBIT_OK;
+  if (p == NULL || g == NULL || state1 == NULL || state2 == NULL || absmax1 == NULL || absmax2 == NULL ||
+      qmap1 == NULL || qmap2 == NULL)
+    return KBIT_ERR_INVALID_ARGUMENT;
+  if (n > (INT64_MAX / 8)) return KBIT_ERR_TOO_LARGE;
+  return KBIT_OK;
+}
+
 }  // namespace kbit
 
 #endif /* KBIT_COMMON_KBIT_COMMON_H_ */

@@ -65,6 +65,16 @@ _SIGNATURES: Mapping[str, tuple[Any, list[Any]]] = {
     # dtype, quant_type, packed, absmax, out, n, blocksize, stream
     "kbit_dequantize_4bit": (
         _c_int, [_c_int, _c_int, _c_void_p, _c_void_p, _c_void_p, _c_int64, _c_int32, _c_void_p]),
+    # dtype, quant_type, A, packed, absmax, bias, out, n_out, k_in, blocksize, stream
+    "kbit_gemv_4bit": (
+        _c_int, [_c_int, _c_int, _c_void_p, _c_void_p, _c_void_p, _c_void_p, _c_void_p, _c_int64, _c_int64,
+                 _c_int32, _c_void_p]),
+    # dtype, p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, beta1, beta2, eps, weight_decay, lr, step,
+    # gnorm_scale, decoupled_weight_decay, n, stream
+    "kbit_adam_8bit_blockwise": (
+        _c_int, [_c_int, _c_void_p, _c_void_p, _c_void_p, _c_void_p, _c_void_p, _c_void_p, _c_void_p, _c_void_p,
+                 _c_float, _c_float, _c_float, _c_float, _c_float, _c_int32, _c_float, _c_int, _c_int64,
+                 _c_void_p]),
 }
 
 

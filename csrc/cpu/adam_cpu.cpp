@@ -1,0 +1,206 @@
+/*
+ * kbit_adam_8bit_blockwise on the host: one step of 8-bit blockwise Adam/AdamW, in place.
+ *
+ * Work is split over blocks of KBIT_OPTIM8_BLOCKSIZE values (parallel.h). Each block runs in
+ * passes over stack buffers, so the arithmetic passes vectorize and the table lookups (gathers on a
+ * baseline x86-64) stay apart:
+ *   1. dequantize m and v (codebook lookups),
+ *   2. the per-value step (kbit_optim_math.h), p stored back, and the NaN-propagating max |m|, |v|,
+ *   3. normalize by the new absmax,
+ *   4. the nearest codebook entry of each normalized value.
+ * Step 4 is kbit_nearest_code (a binary search); for large calls it is computed through a cache:
+ * a table indexed by the top 16 bits of the value's order-preserving integer key holds, for each
+ * bucket, the search's lower neighbour at the bucket's smallest value, and a short forward walk
+ * finishes the search. That is the same lower neighbour (the largest index in [0, 254] whose entry
+ * is <= x), then the same kbit_pick_neighbor, so the codes are those of kbit_nearest_code exactly.
+ */
+/* sqrtf without errno, so the step's loop vectorizes (v >= 0 or NaN: errno is never meaningful). */
+#pragma GCC optimize("no-math-errno")
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kbit.h"
+#include "kbit_common.h"
+#include "kbit_math.h"
+#include "kbit_optim_math.h"
+#include "parallel.h"
+
+namespace kbit {
+namespace {
+
+const int64_t kBlock = KBIT_OPTIM8_BLOCKSIZE;
+/* Below this many values, building the two search tables costs more than it saves. */
+const int64_t kSearchTableMinValues = 1 << 16;
+const int kSearchTableBits = 16;
+const int64_t kSearchTableSize = (int64_t)1 << kSearchTableBits;
+/* Values per parallel chunk, so thread starts are amortized. */
+const int64_t kAdamValuesPerTask = 1 << 15;
+
+/* A monotone map of float to uint32: a < b (as floats, not NaN) implies key(a) <= key(b). */
+inline uint32_t order_key(float x) {
+  uint32_t u = kbit_f32_bits(x);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+inline float key_float(uint32_t key) { return kbit_bits_f32((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key); }
+
+/* table[t] = the largest index lo in [0, 254] with qmap[lo] <= the smallest non-NaN value of bucket t
+ * (0 when there is none): a lower bound of the search's lower neighbour for every x in bucket t. */
+void build_search_table(const float* qmap, uint8_t* table) {
+  int32_t lo = 0;
+  for (int64_t t = 0; t < kSearchTableSize; ++t) {
+    float s = key_float((uint32_t)(t << (32 - kSearchTableBits)));
+    if (s == s) /* NaN buckets (keys below -inf's or above +inf's) keep the running bound */
+      while (lo < 254 && qmap[lo + 1] <= s) ++lo;
+    table[t] = (uint8_t)lo;
+  }
+}
+
+/* kbit_nearest_code(qmap, x) through the table. */
+inline uint8_t nearest_code_cached(const float* qmap, const uint8_t* table, float x) {
+  if (x != x) return kbit_nearest_code(qmap, x);
+  int32_t lo = table[order_key(x) >> (32 - kSearchTableBits)];
+  while (lo < 254 && qmap[lo + 1] <= x) ++lo;
+  return kbit_pick_neighbor(qmap, lo, x);
+}
+
+struct AdamLoadF32 {
+  static float load(const void* p, int64_t i) { return static_cast<const float*>(p)[i]; }
+  static void store(void* p, int64_t i, float v) { static_cast<float*>(p)[i] = v; }
+};
+struct AdamLoadF16 {
+  static float load(const void* p, int64_t i) { return kbit_f16_to_f32(static_cast<const uint16_t*>(p)[i]); }
+  static void store(void* p, int64_t i, float v) { static_cast<uint16_t*>(p)[i] = kbit_f32_to_f16(v); }
+};
+struct AdamLoadBF16 {
+  static float load(const void* p, int64_t i) { return kbit_bf16_to_f32(static_cast<const uint16_t*>(p)[i]); }
+  static void store(void* p, int64_t i, float v) { static_cast<uint16_t*>(p)[i] = kbit_f32_to_bf16(v); }
+};
+
+struct AdamJob {
+  void* p;
+  const void* g;
+  uint8_t* state1;
+  uint8_t* state2;
+  float* absmax1;
+  float* absmax2;
+  int64_t n;
+  KbitAdamParams q;
+  const uint8_t* table1; /* NULL: binary search per value */
+  const uint8_t* table2;
+  float qmap1[KBIT_CODEBOOK8_SIZE];
+  float qmap2[KBIT_CODEBOOK8_SIZE];
+};
+
+inline float max_bits(const uint32_t* __restrict bits, int64_t len) {
+  uint32_t m[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= len; i += 8)
+#pragma GCC unroll 8
+    for (int k = 0; k < 8; ++k) m[k] = bits[i + k] > m[k] ? bits[i + k] : m[k];
+  for (; i < len; ++i) m[0] = bits[i] > m[0] ? bits[i] : m[0];
+  uint32_t r = m[0];
+  for (int k = 1; k < 8; ++k) r = m[k] > r ? m[k] : r;
+  return kbit_bits_f32(r);
+}
+
+template <typename T>
+void adam_blocks(void* ctx, int64_t first_block, int64_t end_block) {
+  const AdamJob& job = *static_cast<const AdamJob*>(ctx);
+  const KbitAdamParams q = job.q;
+  float lut1[KBIT_CODEBOOK8_SIZE], lut2[KBIT_CODEBOOK8_SIZE]; /* local copies: no aliasing with stores */
+  memcpy(lut1, job.qmap1, sizeof lut1);
+  memcpy(lut2, job.qmap2, sizeof lut2);
+  uint8_t* __restrict s1 = job.state1;
+  uint8_t* __restrict s2 = job.state2;
+  float m[kBlock], v[kBlock];
+  uint32_t mb[kBlock], vb[kBlock];
+  for (int64_t b = first_block; b < end_block; ++b) {
+    int64_t start = b * kBlock;
+    int64_t len = job.n - start < kBlock ? job.n - start : kBlock;
+    float a1 = job.absmax1[b], a2 = job.absmax2[b];
+    /* 1. dequantize */
+    for (int64_t i = 0; i < len; ++i) {
+      m[i] = kbit_dequantize_value(lut1, s1[start + i], a1);
+      v[i] = kbit_dequantize_value(lut2, s2[start + i], a2);
+    }
+    /* 2. the step */
+    for (int64_t i = 0; i < len; ++i) {
+      float pv = T::load(job.p, start + i);
+      float mv = m[i], vv = v[i];
+      kbit_adam_update(&q, &pv, T::load(job.g, start + i), &mv, &vv);
+      T::store(job.p, start + i, pv);
+      m[i] = mv;
+      v[i] = vv;
+      mb[i] = kbit_abs_bits(mv);
+      vb[i] = kbit_abs_bits(vv);
+    }
+    float n1 = max_bits(mb, len), n2 = max_bits(vb, len);
+    job.absmax1[b] = n1;
+    job.absmax2[b] = n2;
+    /* 3. normalize */
+    for (int64_t i = 0; i < len; ++i) {
+      m[i] = kbit_optim_normalize(m[i], n1);
+      v[i] = kbit_optim_normalize(v[i], n2);
+    }
+    /* 4. requantize */
+    if (job.table1 != NULL) {
+      for (int64_t i = 0; i < len; ++i) s1[start + i] = nearest_code_cached(lut1, job.table1, m[i]);
+      for (int64_t i = 0; i < len; ++i) s2[start + i] = nearest_code_cached(lut2, job.table2, v[i]);
+    } else {
+      for (int64_t i = 0; i < len; ++i) s1[start + i] = kbit_optim_code(lut1, m[i]);
+      for (int64_t i = 0; i < len; ++i) s2[start + i] = kbit_optim_code(lut2, v[i]);
+    }
+  }
+}
+
+}  // namespace
+}  // namespace kbit
+
+using namespace kbit;
+
+extern "C" KBIT_API int kbit_adam_8bit_blockwise(int dtype, void* p, const void* g, uint8_t* state1, uint8_t* state2,
+                                                 float* absmax1, float* absmax2, const float* qmap1,
+                                                 const float* qmap2, float beta1, float beta2, float eps,
+                                                 float weight_decay, float lr, int32_t step, float gnorm_scale,
+                                                 int decoupled_weight_decay, int64_t n, void* stream) {
+  (void)stream;
+  int status = check_adam8(dtype, p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, beta1, beta2, eps,
+                           weight_decay, lr, step, gnorm_scale, decoupled_weight_decay, n);
+  if (status != KBIT_OK || n == 0) return status;
+  AdamJob* job = static_cast<AdamJob*>(malloc(sizeof(AdamJob)));
+  if (job == NULL) return KBIT_ERR_INTERNAL;
+  job->p = p;
+  job->g = g;
+  job->state1 = state1;
+  job->state2 = state2;
+  job->absmax1 = absmax1;
+  job->absmax2 = absmax2;
+  job->n = n;
+  job->q = kbit_adam_params(beta1, beta2, eps, weight_decay, lr, step, gnorm_scale, decoupled_weight_decay);
+  memcpy(job->qmap1, qmap1, sizeof job->qmap1);
+  memcpy(job->qmap2, qmap2, sizeof job->qmap2);
+  uint8_t* tables = NULL;
+  job->table1 = job->table2 = NULL;
+  if (n >= kSearchTableMinValues) {
+    tables = static_cast<uint8_t*>(malloc(2 * kSearchTableSize));
+    if (tables != NULL) { /* no memory: search per value */
+      build_search_table(job->qmap1, tables);
+      build_search_table(job->qmap2, tables + kSearchTableSize);
+      job->table1 = tables;
+      job->table2 = tables + kSearchTableSize;
+    }
+  }
+  int64_t blocks = (n + kBlock - 1) / kBlock;
+  int64_t grain = kAdamValuesPerTask / kBlock;
+  switch (dtype) {
+    case KBIT_DTYPE_F32: parallel_for(blocks, grain, adam_blocks<AdamLoadF32>, job); break;
+    case KBIT_DTYPE_F16: parallel_for(blocks, grain, adam_blocks<AdamLoadF16>, job); break;
+    default: parallel_for(blocks, grain, adam_blocks<AdamLoadBF16>, job); break;
+  }
+  free(tables);
+  free(job);
+  return KBIT_OK;
+}

@@ -1,0 +1,176 @@
+/*
+ * kbit_gemv_4bit on the host: out = W' · A (+ bias) for a 4-bit (NF4/FP4) weight, never
+ * materializing W'.
+ *
+ * Work is split over output rows (parallel.h). A row is the values [j * k_in, (j + 1) * k_in) of
+ * the flat quantized tensor; it is walked as segments that each lie in one quantization block, so
+ * the general case (k_in not a multiple of blocksize: blocks straddle rows, and an odd k_in starts
+ * every other row at a low nibble) is the same loop as the aligned one, with at most one odd nibble
+ * at each end of a segment. Within a segment, bytes are decoded in chunks through a 256-entry table
+ * of the two codebook values of each byte (two codes per lookup) into a small buffer, then a
+ * vectorized loop accumulates A[k] * (entry * absmax) (the float32 W' of kbit.h,
+ * kbit_dequantize4_value) into 8 partial sums. A float16/bfloat16 A is converted to float32 once
+ * per call, not once per row.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "kbit.h"
+#include "kbit_common.h"
+#include "kbit_math.h"
+#include "parallel.h"
+
+namespace kbit {
+namespace {
+
+/* Values per decode chunk (a float buffer on the stack). */
+const int64_t kGemvChunk = 512;
+/* Weight values per parallel chunk, so thread starts are amortized. */
+const int64_t kGemvValuesPerTask = 1 << 16;
+
+struct GemvLoadF32 {
+  static float load(const void* p, int64_t i) { return static_cast<const float*>(p)[i]; }
+};
+struct GemvLoadF16 {
+  static float load(const void* p, int64_t i) { return kbit_f16_to_f32(static_cast<const uint16_t*>(p)[i]); }
+};
+struct GemvLoadBF16 {
+  static float load(const void* p, int64_t i) { return kbit_bf16_to_f32(static_cast<const uint16_t*>(p)[i]); }
+};
+
+struct GemvJob {
+  int dtype;
+  const void* A; /* float32 when A_is_f32, else dtype */
+  bool A_is_f32;
+  const uint8_t* packed;
+  const float* absmax;
+  const void* bias;
+  void* out;
+  int64_t k_in;
+  int32_t log2_bs;
+  float codebook[KBIT_CODEBOOK4_SIZE];
+  float pairs[256][2]; /* codebook values of a byte's high and low nibble */
+};
+
+/* acc[0..7] += sum over values [pos, end) of the flat weight (all in block `m`'s block) of
+ * A[pos - row_start] * W'. */
+template <typename L>
+void segment_dot(const GemvJob& job, const void* A, int64_t row_start, int64_t pos, int64_t end, float m,
+                 float* __restrict acc) {
+  const uint8_t* __restrict packed = job.packed;
+  if (pos & 1) { /* a leading low nibble */
+    acc[0] += L::load(A, pos - row_start) * kbit_dequantize4_value(job.codebook, kbit_unpack4_second(packed[pos >> 1]), m);
+    ++pos;
+  }
+  const float(*__restrict lut)[2] = job.pairs;
+  float buf[kGemvChunk];
+  while (end - pos >= 2) {
+    int64_t cnt = (end - pos) & ~(int64_t)1;
+    cnt = cnt < kGemvChunk ? cnt : kGemvChunk;
+    const uint8_t* __restrict src = packed + (pos >> 1);
+    for (int64_t b = 0; b < cnt / 2; ++b) memcpy(buf + 2 * b, lut[src[b]], sizeof(float[2]));
+    int64_t a0 = pos - row_start;
+    int64_t k = 0;
+    for (; k + 8 <= cnt; k += 8)
+#pragma GCC unroll 8
+      for (int t = 0; t < 8; ++t) acc[t] += L::load(A, a0 + k + t) * (buf[k + t] * m);
+    for (; k < cnt; ++k) acc[0] += L::load(A, a0 + k) * (buf[k] * m);
+    pos += cnt;
+  }
+  if (pos < end) /* a trailing high nibble */
+    acc[0] += L::load(A, pos - row_start) * kbit_dequantize4_value(job.codebook, kbit_unpack4_first(packed[pos >> 1]), m);
+}
+
+template <typename L>
+float row_dot(const GemvJob& job, int64_t j) {
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t start = j * job.k_in, end = start + job.k_in;
+  for (int64_t pos = start; pos < end;) {
+    int64_t b = pos >> job.log2_bs;
+    int64_t bend = (b + 1) << job.log2_bs;
+    bend = bend < end ? bend : end;
+    segment_dot<L>(job, job.A, start, pos, bend, job.absmax[b], acc);
+    pos = bend;
+  }
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+void store_out(const GemvJob& job, int64_t j, float v) {
+  switch (job.dtype) {
+    case KBIT_DTYPE_F32: static_cast<float*>(job.out)[j] = v; break;
+    case KBIT_DTYPE_F16: static_cast<uint16_t*>(job.out)[j] = kbit_f32_to_f16(v); break;
+    default: static_cast<uint16_t*>(job.out)[j] = kbit_f32_to_bf16(v); break;
+  }
+}
+
+float load_bias(const GemvJob& job, int64_t j) {
+  switch (job.dtype) {
+    case KBIT_DTYPE_F32: return GemvLoadF32::load(job.bias, j);
+    case KBIT_DTYPE_F16: return GemvLoadF16::load(job.bias, j);
+    default: return GemvLoadBF16::load(job.bias, j);
+  }
+}
+
+/* L: how A is read (float32 after the one conversion; the dtype's loader if that buffer could not
+ * be allocated). */
+template <typename L>
+void gemv_rows(void* ctx, int64_t first_row, int64_t end_row) {
+  const GemvJob& job = *static_cast<const GemvJob*>(ctx);
+  for (int64_t j = first_row; j < end_row; ++j) {
+    float v = job.k_in > 0 ? row_dot<L>(job, j) : 0.0f;
+    if (job.bias != NULL) v += load_bias(job, j);
+    store_out(job, j, v);
+  }
+}
+
+}  // namespace
+}  // namespace kbit
+
+using namespace kbit;
+
+extern "C" KBIT_API int kbit_gemv_4bit(int dtype, int quant_type, const void* A, const uint8_t* packed,
+                                       const float* absmax, const void* bias, void* out, int64_t n_out, int64_t k_in,
+                                       int32_t blocksize, void* stream) {
+  (void)stream;
+  int status = check_gemv4(dtype, quant_type, A, packed, absmax, out, n_out, k_in, blocksize);
+  if (status != KBIT_OK || n_out == 0) return status;
+  GemvJob* job = static_cast<GemvJob*>(malloc(sizeof(GemvJob)));
+  if (job == NULL) return KBIT_ERR_INTERNAL;
+  job->dtype = dtype;
+  job->packed = packed;
+  job->absmax = absmax;
+  job->bias = bias;
+  job->out = out;
+  job->k_in = k_in;
+  job->log2_bs = log2_pow2(blocksize);
+  for (int c = 0; c < KBIT_CODEBOOK4_SIZE; ++c) job->codebook[c] = kbit_code4_value(quant_type, c);
+  for (int v = 0; v < 256; ++v) {
+    job->pairs[v][0] = job->codebook[kbit_unpack4_first((uint8_t)v)];
+    job->pairs[v][1] = job->codebook[kbit_unpack4_second((uint8_t)v)];
+  }
+  /* A as float32, once: every row reads all of it. */
+  float* converted = NULL;
+  job->A = A;
+  job->A_is_f32 = dtype == KBIT_DTYPE_F32;
+  if (!job->A_is_f32 && k_in > 0 && (uint64_t)k_in <= SIZE_MAX / sizeof(float)) {
+    converted = static_cast<float*>(malloc((size_t)k_in * sizeof(float)));
+    if (converted != NULL) {
+      if (dtype == KBIT_DTYPE_F16) {
+        for (int64_t k = 0; k < k_in; ++k) converted[k] = GemvLoadF16::load(A, k);
+      } else {
+        for (int64_t k = 0; k < k_in; ++k) converted[k] = GemvLoadBF16::load(A, k);
+      }
+      job->A = converted;
+      job->A_is_f32 = true;
+    }
+  }
+  range_fn fn = job->A_is_f32 ? gemv_rows<GemvLoadF32>
+                : dtype == KBIT_DTYPE_F16 ? gemv_rows<GemvLoadF16>
+                                          : gemv_rows<GemvLoadBF16>;
+  int64_t per_row = k_in > 0 ? k_in : 1;
+  int64_t grain = kGemvValuesPerTask / per_row > 0 ? kGemvValuesPerTask / per_row : 1;
+  parallel_for(n_out, grain, fn, job);
+  free(converted);
+  free(job);
+  return KBIT_OK;
+}
