@@ -10,7 +10,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kbit import KbitNativeError, KbitNoBackendError
+from kbit import KbitNativeError, KbitNoBackendError, _ops
 from kbit import functional as F
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -54,7 +54,7 @@ def no_native(monkeypatch):
     def refuse(device):
         raise AssertionError(f"reached native code for {device}")
 
-    monkeypatch.setattr(F, "_library", refuse)
+    monkeypatch.setattr(_ops, "_library", refuse)
 
 
 # --- codebook ---------------------------------------------------------------------------------------
@@ -261,7 +261,7 @@ def test_native_status_is_a_typed_error(fresh_native) -> None:
 def test_cuda_tensor_without_cuda_library_says_why(fresh_native, monkeypatch) -> None:
     monkeypatch.setenv("KBIT_BACKEND", "cpu")
     with pytest.raises(KbitNoBackendError, match="cannot run on cuda:0: KBIT_BACKEND=cpu"):
-        F._library(torch.device("cuda", 0))
+        _ops._library(torch.device("cuda", 0))
 
 
 @pytest.mark.cuda

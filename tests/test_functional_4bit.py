@@ -10,7 +10,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kbit import KbitNativeError
+from kbit import KbitNativeError, _ops
 from kbit import functional as F
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -71,7 +71,7 @@ def no_native(monkeypatch):
     def refuse(device):
         raise AssertionError(f"reached native code for {device}")
 
-    monkeypatch.setattr(F, "_library", refuse)
+    monkeypatch.setattr(_ops, "_library", refuse)
 
 
 # --- codebooks --------------------------------------------------------------------------------------

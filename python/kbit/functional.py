@@ -7,15 +7,17 @@ the runtime chose (on the tensor's device and current stream).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 
-from . import _native
-from ._errors import KbitNoBackendError
+from . import _ops
 
 __all__ = [
     "BLOCKSIZES",
@@ -26,6 +28,7 @@ __all__ = [
     "create_dynamic_map",
     "dequantize_4bit",
     "dequantize_blockwise",
+    "gemv_4bit",
     "get_4bit_code",
     "quantize_4bit",
     "quantize_blockwise",
@@ -36,7 +39,7 @@ BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)
 CODEBOOK_SIZE = 256
 BLOCKSIZES_4BIT = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 """The blocksizes of 4-bit quantization (kbit.h: KBIT_BLOCKWISE4_{MIN,MAX}_BLOCKSIZE)."""
-QUANT_TYPES_4BIT = ("fp4", "nf4")
+QUANT_TYPES_4BIT = _ops.QUANT_TYPES_4BIT
 """The 4-bit quantization types; kbit.h's KBIT_QUANT_FP4 and KBIT_QUANT_NF4 are their indices."""
 
 # The 4-bit codebooks, in code order (kbit_math.h: kbit_code4_value): NF4, the quantiles of a normal
@@ -49,7 +52,7 @@ _NF4_VALUES = (
 _FP4_MAGNITUDES = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0)
 
 # kbit.h's KBIT_DTYPE_*.
-_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_DTYPES = _ops.DTYPE_CODES
 _DTYPE_NAMES = "torch.float32, torch.float16 or torch.bfloat16"
 
 
@@ -165,39 +168,14 @@ def _check_code(code: object, device: torch.device, ref: str) -> torch.Tensor:
     return code
 
 
-def _library(device: torch.device) -> _native.NativeLibrary:
-    if device.type == "cpu":
-        return _native.cpu_library()
-    load = _native.cuda_library()
-    if load.library is None:
-        raise KbitNoBackendError(f"cannot run on {device}: {load.reason}")
-    return load.library
-
-
-def _stream(device: torch.device) -> Optional[int]:
-    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
-
-
-class _on_device:
-    """torch.cuda.device(...) for CUDA tensors, nothing for CPU ones."""
-
-    def __init__(self, device: torch.device) -> None:
-        self._ctx = torch.cuda.device(device) if device.type == "cuda" else None
-
-    def __enter__(self) -> None:
-        if self._ctx is not None:
-            self._ctx.__enter__()
-
-    def __exit__(self, *exc: object) -> None:
-        if self._ctx is not None:
-            self._ctx.__exit__(*exc)
-
-
 def quantize_blockwise(
     A: torch.Tensor, code: Optional[torch.Tensor] = None, blocksize: int = 4096
 ) -> tuple[torch.Tensor, QuantState8bit]:
     """Quantize A block by block: each value becomes the index of the codebook entry nearest to
-    value / absmax(block). Returns uint8 codes shaped like A and the state to dequantize them."""
+    value / absmax(block). Returns uint8 codes shaped like A and the state to dequantize them.
+
+    NaN values are ignored by a block's absmax and get code 0 (kbit.h); an inf makes its block's
+    absmax inf."""
     A = _check_tensor(A, "A")
     if A.dtype not in _DTYPES:
         raise TypeError(f"A must be {_DTYPE_NAMES}, got {A.dtype}")
@@ -207,14 +185,7 @@ def quantize_blockwise(
     _check_device(A, "A", A.device, "A")
     _check_contiguous(A, "A")
     code = _default_code(A.device) if code is None else _check_code(code, A.device, "A")
-
-    n = A.numel()
-    out = torch.empty(A.shape, dtype=torch.uint8, device=A.device)
-    absmax = torch.empty(math.ceil(n / blocksize), dtype=torch.float32, device=A.device)
-    lib = _library(A.device)
-    with _on_device(A.device):
-        lib.quantize_blockwise_8bit(_DTYPES[A.dtype], A.data_ptr(), code.data_ptr(), out.data_ptr(),
-                                    absmax.data_ptr(), n, blocksize, _stream(A.device))
+    out, absmax = torch.ops.kbit.quantize_blockwise(A, code, blocksize)
     return out, QuantState8bit(absmax, code, blocksize, A.dtype, A.shape)
 
 
@@ -241,15 +212,17 @@ def dequantize_blockwise(
     _check_contiguous(codes, "codes")
     absmax = _check_absmax(state.absmax, n, blocksize, device, "codes")
     code = _check_code(state.code, device, "codes")
+    if out is None:
+        return torch.ops.kbit.dequantize_blockwise(codes, code, absmax, blocksize, state.dtype).reshape(state.shape)
     out = _dequantize_out(out, state.shape, state.dtype, device, "codes")
-    lib = _library(device)
-    with _on_device(device):
-        lib.dequantize_blockwise_8bit(_DTYPES[state.dtype], codes.data_ptr(), code.data_ptr(), absmax.data_ptr(),
-                                      out.data_ptr(), n, blocksize, _stream(device))
+    torch.ops.kbit.dequantize_blockwise_out(codes, code, absmax, blocksize, out)
     return out
 
 
 # --- 4-bit (NF4 / FP4) --------------------------------------------------------------------------------
+
+NESTED_BLOCKSIZE = 256
+"""The blocksize of the 8-bit quantization of a 4-bit state's absmax (compress_statistics=True)."""
 
 
 def get_4bit_code(quant_type: str = "nf4", device: object = "cpu") -> torch.Tensor:
@@ -270,10 +243,15 @@ def _code_4bit(quant_type: str, device: torch.device) -> torch.Tensor:
 
 @dataclass(frozen=True, eq=False)
 class QuantState4bit:
-    """What `dequantize_4bit` needs besides the packed codes."""
+    """What `dequantize_4bit` and `gemv_4bit` need besides the packed codes.
+
+    Plain: `absmax` holds one float32 per block. Nested (compress_statistics=True, bitsandbytes'
+    "double quantization"): `absmax` holds one uint8 code per block, the 8-bit blockwise quantization
+    (blocksize 256, signed dynamic map) of absmax - offset, described by `state2`; `offset` is the
+    float32 mean of the block absmaxes, a 0-dim tensor."""
 
     absmax: torch.Tensor
-    """float32, one per block: ceil(numel / blocksize)."""
+    """float32 (plain) or uint8 (nested), one per block: ceil(numel / blocksize)."""
     shape: torch.Size
     """The shape of the quantized tensor (and of the dequantized one)."""
     dtype: torch.dtype
@@ -282,6 +260,130 @@ class QuantState4bit:
     """"nf4" or "fp4"."""
     code: torch.Tensor
     """The 16-entry float32 codebook of quant_type (informational: the kernels use their own copy)."""
+    offset: Optional[torch.Tensor] = None
+    """Nested states only: the 0-dim float32 mean subtracted from absmax before its quantization."""
+    state2: Optional[QuantState8bit] = None
+    """Nested states only: the 8-bit state of the absmax codes."""
+
+    @property
+    def nested(self) -> bool:
+        return self.state2 is not None
+
+    def as_dict(self, packed: bool = False) -> dict[str, Any]:
+        """The state as a flat dict, in bitsandbytes' QuantState.as_dict format (the keys transformers
+        saves next to a 4-bit weight). packed=True: tensors only, the non-tensor items as a uint8 JSON
+        tensor under "quant_state.bitsandbytes__<quant_type>" (safetensors can store it)."""
+        return _state_to_dict(self, packed)
+
+    @classmethod
+    def from_dict(cls, qs_dict: Mapping[str, Any], device: object = "cpu") -> QuantState4bit:
+        """The state `as_dict` (kbit's or bitsandbytes') wrote, with its tensors moved to `device`.
+        Keys may carry a prefix ("weight.absmax"); a missing, unknown or malformed item is a ValueError."""
+        return _state_from_dict(qs_dict, torch.device(device))  # type: ignore[arg-type]
+
+    def to(self, device: object) -> QuantState4bit:
+        """This state with its tensors on `device`."""
+        dev = torch.device(device)  # type: ignore[arg-type]
+        state2 = None if self.state2 is None else dataclasses.replace(
+            self.state2, absmax=self.state2.absmax.to(dev), code=self.state2.code.to(dev))
+        offset = None if self.offset is None else self.offset.to(dev)
+        return dataclasses.replace(self, absmax=self.absmax.to(dev), code=self.code.to(dev), offset=offset,
+                                   state2=state2)
+
+
+# --- QuantState4bit <-> bitsandbytes' as_dict format ----------------------------------------------------
+
+_PACKED_PREFIX = "quant_state.bitsandbytes__"
+_TENSOR_KEYS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
+_SCALAR_KEYS = ("quant_type", "blocksize", "dtype", "shape", "nested_blocksize", "nested_dtype", "nested_offset")
+_NESTED_KEYS = ("nested_absmax", "nested_quant_map", "nested_blocksize", "nested_dtype", "nested_offset")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _dtype_from_name(name: object, key: str) -> torch.dtype:
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    if dtype not in _DTYPES:
+        raise ValueError(f"quant state item {key!r} must name float32, float16 or bfloat16, got {name!r}")
+    return dtype  # type: ignore[return-value]
+
+
+def _state_to_dict(state: QuantState4bit, packed: bool) -> dict[str, Any]:
+    d: dict[str, Any] = {"quant_type": state.quant_type, "absmax": state.absmax, "blocksize": state.blocksize,
+                         "quant_map": state.code, "dtype": _dtype_name(state.dtype), "shape": tuple(state.shape)}
+    if state.state2 is not None:
+        if state.offset is None:
+            raise ValueError("a nested QuantState4bit (state2 set) needs its offset")
+        d.update({"nested_absmax": state.state2.absmax, "nested_blocksize": state.state2.blocksize,
+                  "nested_quant_map": state.state2.code.clone(), "nested_dtype": _dtype_name(state.state2.dtype),
+                  "nested_offset": float(state.offset)})
+    if not packed:
+        return d
+    tensors = {k: v for k, v in d.items() if isinstance(v, torch.Tensor)}
+    scalars = {k: v for k, v in d.items() if not isinstance(v, torch.Tensor)}
+    blob = json.dumps(scalars).encode("utf-8")
+    tensors[_PACKED_PREFIX + state.quant_type] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+    return tensors
+
+
+def _unpack_items(qs_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """The items with prefixes stripped ("weight.absmax" -> "absmax") and the packed JSON item unpacked."""
+    if not isinstance(qs_dict, Mapping):
+        raise TypeError(f"qs_dict must be a mapping of quant state items, got {type(qs_dict).__name__}")
+    items: dict[str, Any] = {}
+    packed = [k for k in qs_dict if isinstance(k, str) and "quant_state." in k]
+    if len(packed) > 1:
+        raise ValueError(f"qs_dict holds {len(packed)} packed quant_state items ({packed}): pass one weight's items")
+    for key, value in qs_dict.items():
+        if key in packed:
+            if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8 or value.dim() != 1:
+                raise ValueError(f"{key!r} must be a 1-D uint8 tensor of JSON bytes")
+            try:
+                scalars = json.loads(bytes(value.cpu().tolist()).decode("utf-8"))
+            except ValueError as e:
+                raise ValueError(f"{key!r} does not hold a JSON object: {e}") from None
+            if not isinstance(scalars, dict) or scalars.get("quant_type") != key.rsplit("__", 1)[-1]:
+                raise ValueError(f"{key!r} must hold a JSON object whose quant_type matches the key's suffix")
+            items.update(scalars)
+        else:
+            items[str(key).rsplit(".", 1)[-1]] = value
+    unknown = sorted(set(items) - set(_TENSOR_KEYS) - set(_SCALAR_KEYS))
+    if unknown:
+        raise ValueError(f"unknown quant state items {unknown}; expected {_TENSOR_KEYS + _SCALAR_KEYS}")
+    return items
+
+
+def _require(items: Mapping[str, Any], key: str, kind: Any) -> Any:
+    if key not in items:
+        raise ValueError(f"quant state item {key!r} is missing")
+    value = items[key]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise ValueError(f"quant state item {key!r} must be {names}, got {type(value).__name__}")
+    return value
+
+
+def _state_from_dict(qs_dict: Mapping[str, Any], device: torch.device) -> QuantState4bit:
+    items = _unpack_items(qs_dict)
+    quant_type = _check_quant_type(_require(items, "quant_type", str))
+    shape = torch.Size(_require(items, "shape", (list, tuple)))  # type: ignore[arg-type]
+    dtype = _dtype_from_name(_require(items, "dtype", str), "dtype")
+    blocksize = _check_blocksize_4bit(_require(items, "blocksize", int))
+    absmax = _require(items, "absmax", torch.Tensor).to(device)
+    code = _require(items, "quant_map", torch.Tensor).to(device)
+    present = [k for k in _NESTED_KEYS if k in items]
+    if not present:
+        return QuantState4bit(absmax, shape, dtype, blocksize, quant_type, code)
+    if len(present) != len(_NESTED_KEYS):
+        raise ValueError(f"a nested quant state needs all of {_NESTED_KEYS}, got only {present}")
+    offset = torch.tensor(float(_require(items, "nested_offset", (int, float))), dtype=torch.float32, device=device)
+    nested_absmax = _require(items, "nested_absmax", torch.Tensor).to(device)
+    state2 = QuantState8bit(nested_absmax, _require(items, "nested_quant_map", torch.Tensor).to(device),
+                            _check_blocksize(_require(items, "nested_blocksize", int)),
+                            _dtype_from_name(items["nested_dtype"], "nested_dtype"), torch.Size([absmax.numel()]))
+    return QuantState4bit(absmax, shape, dtype, blocksize, quant_type, code, offset, state2)
 
 
 def _check_quant_type(quant_type: object) -> str:
@@ -297,59 +399,128 @@ def _check_blocksize_4bit(blocksize: object) -> int:
 
 
 def quantize_4bit(
-    A: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4"
+    A: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4", compress_statistics: bool = False
 ) -> tuple[torch.Tensor, QuantState4bit]:
     """Quantize A to 4-bit codes block by block, bit-compatible with bitsandbytes' quantize_4bit:
-    each value becomes the code of the `quant_type` entry nearest to value / absmax(block) (see
-    kbit.h for the exact float32 rule and NaN/inf). Returns the codes packed two per byte (first value
-    in the high nibble) as a uint8 tensor of shape (ceil(numel / 2), 1), and the state."""
+    each value becomes the code of the `quant_type` entry nearest to value / absmax(block). Returns
+    the codes packed two per byte (first value in the high nibble) as a uint8 tensor of shape
+    (ceil(numel / 2), 1), and the state.
+
+    NaN/inf (kbit.h): a block holding a NaN gets absmax NaN and every value the code of +1.0 (it
+    dequantizes to NaN); an inf makes its block's absmax inf (it dequantizes to inf/NaN). Finite
+    blocks are unaffected.
+
+    compress_statistics=True also quantizes the block absmaxes (bitsandbytes' double quantization):
+    their mean is stored as `offset` and absmax - offset is 8-bit quantized in blocks of 256."""
     A = _check_tensor(A, "A")
     if A.dtype not in _DTYPES:
         raise TypeError(f"A must be {_DTYPE_NAMES}, got {A.dtype}")
     blocksize = _check_blocksize_4bit(blocksize)
     quant_type = _check_quant_type(quant_type)
+    if not isinstance(compress_statistics, bool):
+        raise TypeError(f"compress_statistics must be True or False, got {compress_statistics!r}")
     if A.numel() == 0:
         raise ValueError("A is empty: there is nothing to quantize")
     _check_device(A, "A", A.device, "A")
     _check_contiguous(A, "A")
+    packed, absmax = torch.ops.kbit.quantize_4bit(A, blocksize, quant_type)
+    code = _code_4bit(quant_type, A.device)
+    if not compress_statistics:
+        return packed, QuantState4bit(absmax, A.shape, A.dtype, blocksize, quant_type, code)
+    offset = absmax.mean()
+    qabsmax, state2 = quantize_blockwise(absmax - offset, blocksize=NESTED_BLOCKSIZE)
+    return packed, QuantState4bit(qabsmax, A.shape, A.dtype, blocksize, quant_type, code, offset, state2)
 
-    n = A.numel()
-    packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=A.device)
-    absmax = torch.empty(math.ceil(n / blocksize), dtype=torch.float32, device=A.device)
-    lib = _library(A.device)
-    with _on_device(A.device):
-        lib.quantize_4bit(_DTYPES[A.dtype], QUANT_TYPES_4BIT.index(quant_type), A.data_ptr(), packed.data_ptr(),
-                          absmax.data_ptr(), n, blocksize, _stream(A.device))
-    return packed, QuantState4bit(absmax, A.shape, A.dtype, blocksize, quant_type, _code_4bit(quant_type, A.device))
+
+def _absmax_4bit(state: QuantState4bit, n: int, device: torch.device, ref: str) -> torch.Tensor:
+    """The float32 block absmaxes of a state, dequantized first when the state is nested."""
+    if state.state2 is None:
+        return _check_absmax(state.absmax, n, state.blocksize, device, ref)
+    if not isinstance(state.state2, QuantState8bit):
+        raise TypeError(f"state.state2 must be a QuantState8bit or None, got {type(state.state2).__name__}")
+    blocks = math.ceil(n / state.blocksize)
+    qabsmax = _check_tensor(state.absmax, "state.absmax")
+    if qabsmax.dtype != torch.uint8 or qabsmax.numel() != blocks:
+        raise ValueError(f"state.absmax of a nested state must hold {blocks} uint8 codes (one per block of "
+                         f"{state.blocksize}), got {qabsmax.numel()} of {qabsmax.dtype}")
+    offset = _check_tensor(state.offset, "state.offset")
+    if offset.numel() != 1 or offset.dtype != torch.float32:
+        raise ValueError(f"state.offset must be one float32 value, got {offset.numel()} of {offset.dtype}")
+    _check_device(offset, "state.offset", device, ref)
+    if state.state2.dtype != torch.float32:
+        raise ValueError(f"state.state2.dtype must be torch.float32 (absmax is float32), got {state.state2.dtype}")
+    absmax = dequantize_blockwise(qabsmax.reshape(state.state2.shape), state.state2).reshape(-1)
+    return absmax + offset.reshape(())
+
+
+def _check_state_4bit(packed: object, state: object, ref: str = "packed") -> tuple[torch.Tensor, QuantState4bit, int]:
+    """packed and state of a 4-bit tensor, checked against each other; returns (packed, state, numel)."""
+    packed = _check_tensor(packed, ref)
+    if not isinstance(state, QuantState4bit):
+        raise TypeError(f"state must be a QuantState4bit (from quantize_4bit), got {type(state).__name__}")
+    if packed.dtype != torch.uint8:
+        raise TypeError(f"{ref} must be torch.uint8, got {packed.dtype}")
+    if state.dtype not in _DTYPES:
+        raise TypeError(f"state.dtype must be {_DTYPE_NAMES}, got {state.dtype}")
+    _check_blocksize_4bit(state.blocksize)
+    _check_quant_type(state.quant_type)
+    n = math.prod(state.shape)
+    if packed.numel() == 0 or n == 0:
+        raise ValueError(f"{ref} is empty: there is nothing to dequantize")
+    if packed.numel() != (n + 1) // 2:
+        raise ValueError(f"{ref} has {packed.numel()} bytes but state.shape {tuple(state.shape)} needs "
+                         f"{(n + 1) // 2} (two 4-bit codes per byte)")
+    _check_device(packed, ref, packed.device, ref)
+    _check_contiguous(packed, ref)
+    return packed, state, n
 
 
 def dequantize_4bit(
     packed: torch.Tensor, state: QuantState4bit, out: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
     """The values the packed codes stand for: code[c_i] * absmax[i // blocksize] (float32 product) in
-    state.dtype and state.shape (written into `out` when given)."""
-    packed = _check_tensor(packed, "packed")
-    if not isinstance(state, QuantState4bit):
-        raise TypeError(f"state must be a QuantState4bit (from quantize_4bit), got {type(state).__name__}")
-    if packed.dtype != torch.uint8:
-        raise TypeError(f"packed must be torch.uint8, got {packed.dtype}")
-    if state.dtype not in _DTYPES:
-        raise TypeError(f"state.dtype must be {_DTYPE_NAMES}, got {state.dtype}")
-    blocksize = _check_blocksize_4bit(state.blocksize)
-    quant_type = _check_quant_type(state.quant_type)
-    n = math.prod(state.shape)
-    if packed.numel() == 0 or n == 0:
-        raise ValueError("packed is empty: there is nothing to dequantize")
-    if packed.numel() != (n + 1) // 2:
-        raise ValueError(f"packed has {packed.numel()} bytes but state.shape {tuple(state.shape)} needs "
-                         f"{(n + 1) // 2} (two 4-bit codes per byte)")
+    state.dtype and state.shape (written into `out` when given). Nested states (compress_statistics)
+    have their absmax dequantized first, as bitsandbytes does."""
+    packed, state, n = _check_state_4bit(packed, state)
     device = packed.device
-    _check_device(packed, "packed", device, "packed")
-    _check_contiguous(packed, "packed")
-    absmax = _check_absmax(state.absmax, n, blocksize, device, "packed")
+    absmax = _absmax_4bit(state, n, device, "packed")
+    if out is None:
+        return torch.ops.kbit.dequantize_4bit(packed, absmax, state.blocksize, state.quant_type, list(state.shape),
+                                              state.dtype)
     out = _dequantize_out(out, state.shape, state.dtype, device, "packed")
-    lib = _library(device)
-    with _on_device(device):
-        lib.dequantize_4bit(_DTYPES[state.dtype], QUANT_TYPES_4BIT.index(quant_type), packed.data_ptr(),
-                            absmax.data_ptr(), out.data_ptr(), n, blocksize, _stream(device))
+    torch.ops.kbit.dequantize_4bit_out(packed, absmax, state.blocksize, state.quant_type, out)
     return out
+
+
+def gemv_4bit(
+    A: torch.Tensor, B: torch.Tensor, quant_state: QuantState4bit, bias: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """A @ W.T (+ bias) for a single row A and a 4-bit weight W of shape (n_out, k_in), as
+    torch.nn.functional.linear(A, dequantize_4bit(B, quant_state), bias) but without materializing W.
+
+    A has shape (..., k_in) and exactly k_in elements (one token); it and bias (n_out values) are
+    float32, float16 or bfloat16 of one dtype, the result has A's dtype and shape (..., n_out).
+    The sum is accumulated in float32. NaN/inf in A, bias or the weight propagate to the outputs
+    they touch, as in a plain matmul."""
+    B, state, n = _check_state_4bit(B, quant_state, "B")
+    A = _check_tensor(A, "A")
+    if len(state.shape) != 2:
+        raise ValueError(f"quant_state.shape must be (n_out, k_in) of a 2-D weight, got {tuple(state.shape)}")
+    n_out, k_in = state.shape
+    if A.dtype not in _DTYPES:
+        raise TypeError(f"A must be {_DTYPE_NAMES}, got {A.dtype}")
+    if A.dim() == 0 or A.shape[-1] != k_in or A.numel() != k_in:
+        raise ValueError(f"A must have shape (..., {k_in}) with one row ({k_in} elements) for a weight of shape "
+                         f"{tuple(state.shape)}, got {tuple(A.shape)}: use dequantize_4bit and a matmul for more rows")
+    _check_device(A, "A", B.device, "B")
+    _check_contiguous(A, "A")
+    if bias is not None:
+        bias = _check_tensor(bias, "bias")
+        if bias.dtype != A.dtype or bias.numel() != n_out:
+            raise ValueError(f"bias must hold {n_out} values of A's dtype {A.dtype}, got {bias.numel()} of "
+                             f"{bias.dtype}")
+        _check_device(bias, "bias", B.device, "B")
+        _check_contiguous(bias, "bias")
+    absmax = _absmax_4bit(state, n, B.device, "B")
+    return torch.ops.kbit.gemv_4bit(A, B, absmax, bias, n_out, k_in, state.blocksize, state.quant_type)
+

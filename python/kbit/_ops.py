@@ -1,0 +1,280 @@
+"""kbit's torch.library operators (namespace `kbit`): the one place that calls the native libraries.
+
+Importing this module registers the operators (it is imported by kbit.functional, kbit.nn and
+kbit.optim, never by `import kbit`). Each operator has one implementation for CPU and CUDA tensors,
+which calls the library the runtime chose for the tensors' device, and a fake implementation (shapes
+and dtypes only), so `torch.compile` traces through them.
+
+Layering: kbit.functional checks every argument (with the names users see) and calls these operators;
+the operators check again, briefly, that what reaches native code is safe (dtype, device, contiguity,
+sizes), since they can also be called directly as `torch.ops.kbit.<name>`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Optional
+
+import torch
+
+from . import _native
+from ._errors import KbitNoBackendError
+
+__all__ = ["DTYPE_CODES", "OPTIM8_BLOCKSIZE", "QUANT_TYPES_4BIT"]
+
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+"""kbit.h's KBIT_DTYPE_* of each supported floating point dtype."""
+QUANT_TYPES_4BIT = ("fp4", "nf4")
+"""The 4-bit quantization types; kbit.h's KBIT_QUANT_FP4 and KBIT_QUANT_NF4 are their indices."""
+OPTIM8_BLOCKSIZE = 256
+"""kbit.h's KBIT_OPTIM8_BLOCKSIZE: one absmax per 256 values of each 8-bit optimizer state."""
+_DEVICE_TYPES = ("cpu", "cuda")
+
+
+# --- calling native code ------------------------------------------------------------------------------
+
+
+def _library(device: torch.device) -> _native.NativeLibrary:
+    """The native library for tensors on `device` (tests replace it to prove a call never gets here)."""
+    if device.type == "cpu":
+        return _native.cpu_library()
+    load = _native.cuda_library()
+    if load.library is None:
+        raise KbitNoBackendError(f"cannot run on {device}: {load.reason}")
+    return load.library
+
+
+def _stream(device: torch.device) -> Optional[int]:
+    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
+
+
+class _on_device:
+    """torch.cuda.device(...) for CUDA tensors, nothing for CPU ones."""
+
+    def __init__(self, device: torch.device) -> None:
+        self._ctx = torch.cuda.device(device) if device.type == "cuda" else None
+
+    def __enter__(self) -> None:
+        if self._ctx is not None:
+            self._ctx.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        if self._ctx is not None:
+            self._ctx.__exit__(*exc)
+
+
+def _guard(t: torch.Tensor, name: str, device: torch.device, dtypes: Sequence[torch.dtype],
+           numel: Optional[int] = None) -> int:
+    """The last line of defence before a pointer goes to native code; returns t.data_ptr()."""
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name} must be {' or '.join(map(str, dtypes))}, got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, the other tensors on {device}: move them to one device")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} is not contiguous: call {name}.contiguous() first")
+    if numel is not None and t.numel() != numel:
+        raise ValueError(f"{name} must hold {numel} elements, got {t.numel()}")
+    return t.data_ptr()
+
+
+def _float_dtype(dtype: torch.dtype, name: str) -> int:
+    if dtype not in DTYPE_CODES:
+        raise TypeError(f"{name} must be torch.float32, torch.float16 or torch.bfloat16, got {dtype}")
+    return DTYPE_CODES[dtype]
+
+
+def _quant_type(quant_type: str) -> int:
+    if quant_type not in QUANT_TYPES_4BIT:
+        raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
+    return QUANT_TYPES_4BIT.index(quant_type)
+
+
+def _blocks(n: int, blocksize: int) -> int:
+    return (n + blocksize - 1) // blocksize  # works on SymInts too
+
+
+_F32 = (torch.float32,)
+_U8 = (torch.uint8,)
+_FLOATS = tuple(DTYPE_CODES)
+
+
+# --- 8-bit blockwise ----------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("kbit::quantize_blockwise", mutates_args=(), device_types=_DEVICE_TYPES,
+                         schema="(Tensor A, Tensor code, int blocksize) -> (Tensor, Tensor)")
+def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    out = torch.empty(A.shape, dtype=torch.uint8, device=A.device)
+    absmax = torch.empty(_blocks(A.numel(), blocksize), dtype=torch.float32, device=A.device)
+    dev = A.device
+    args = (_float_dtype(A.dtype, "A"), _guard(A, "A", dev, _FLOATS), _guard(code, "code", dev, _F32, 256),
+            out.data_ptr(), absmax.data_ptr(), A.numel(), blocksize)
+    with _on_device(dev):
+        _library(dev).quantize_blockwise_8bit(*args, _stream(dev))
+    return out, absmax
+
+
+@quantize_blockwise.register_fake
+def _(A: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return (A.new_empty(A.shape, dtype=torch.uint8),
+            A.new_empty(_blocks(A.numel(), blocksize), dtype=torch.float32))
+
+
+def _dequantize_blockwise_into(codes: torch.Tensor, code: torch.Tensor, absmax: torch.Tensor, blocksize: int,
+                               out: torch.Tensor) -> None:
+    dev, n = codes.device, codes.numel()
+    args = (_float_dtype(out.dtype, "out"), _guard(codes, "codes", dev, _U8), _guard(code, "code", dev, _F32, 256),
+            _guard(absmax, "absmax", dev, _F32, _blocks(n, blocksize)), _guard(out, "out", dev, _FLOATS, n),
+            n, blocksize)
+    with _on_device(dev):
+        _library(dev).dequantize_blockwise_8bit(*args, _stream(dev))
+
+
+@torch.library.custom_op(
+    "kbit::dequantize_blockwise", mutates_args=(), device_types=_DEVICE_TYPES,
+    schema="(Tensor codes, Tensor code, Tensor absmax, int blocksize, ScalarType dtype) -> Tensor")
+def dequantize_blockwise(codes: torch.Tensor, code: torch.Tensor, absmax: torch.Tensor, blocksize: int,
+                         dtype: torch.dtype) -> torch.Tensor:
+    out = torch.empty(codes.shape, dtype=dtype, device=codes.device)
+    _dequantize_blockwise_into(codes, code, absmax, blocksize, out)
+    return out
+
+
+@dequantize_blockwise.register_fake
+def _(codes: torch.Tensor, code: torch.Tensor, absmax: torch.Tensor, blocksize: int,
+      dtype: torch.dtype) -> torch.Tensor:
+    return codes.new_empty(codes.shape, dtype=dtype)
+
+
+@torch.library.custom_op(
+    "kbit::dequantize_blockwise_out", mutates_args=("out",), device_types=_DEVICE_TYPES,
+    schema="(Tensor codes, Tensor code, Tensor absmax, int blocksize, Tensor(a!) out) -> ()")
+def dequantize_blockwise_out(codes: torch.Tensor, code: torch.Tensor, absmax: torch.Tensor, blocksize: int,
+                             out: torch.Tensor) -> None:
+    _dequantize_blockwise_into(codes, code, absmax, blocksize, out)
+
+
+@dequantize_blockwise_out.register_fake
+def _(codes: torch.Tensor, code: torch.Tensor, absmax: torch.Tensor, blocksize: int, out: torch.Tensor) -> None:
+    return None
+
+
+# --- 4-bit NF4 / FP4 ----------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("kbit::quantize_4bit", mutates_args=(), device_types=_DEVICE_TYPES,
+                         schema="(Tensor A, int blocksize, str quant_type) -> (Tensor, Tensor)")
+def quantize_4bit(A: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    n, dev = A.numel(), A.device
+    packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=dev)
+    absmax = torch.empty(_blocks(n, blocksize), dtype=torch.float32, device=dev)
+    args = (_float_dtype(A.dtype, "A"), _quant_type(quant_type), _guard(A, "A", dev, _FLOATS), packed.data_ptr(),
+            absmax.data_ptr(), n, blocksize)
+    with _on_device(dev):
+        _library(dev).quantize_4bit(*args, _stream(dev))
+    return packed, absmax
+
+
+@quantize_4bit.register_fake
+def _(A: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    n = A.numel()
+    return (A.new_empty(((n + 1) // 2, 1), dtype=torch.uint8),
+            A.new_empty(_blocks(n, blocksize), dtype=torch.float32))
+
+
+def _dequantize_4bit_into(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str,
+                          out: torch.Tensor) -> None:
+    dev, n = packed.device, out.numel()
+    args = (_float_dtype(out.dtype, "out"), _quant_type(quant_type),
+            _guard(packed, "packed", dev, _U8, (n + 1) // 2), _guard(absmax, "absmax", dev, _F32, _blocks(n, blocksize)),
+            _guard(out, "out", dev, _FLOATS), n, blocksize)
+    with _on_device(dev):
+        _library(dev).dequantize_4bit(*args, _stream(dev))
+
+
+@torch.library.custom_op(
+    "kbit::dequantize_4bit", mutates_args=(), device_types=_DEVICE_TYPES,
+    schema="(Tensor packed, Tensor absmax, int blocksize, str quant_type, SymInt[] shape, ScalarType dtype) -> Tensor")
+def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str,
+                    shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    out = torch.empty(tuple(shape), dtype=dtype, device=packed.device)
+    _dequantize_4bit_into(packed, absmax, blocksize, quant_type, out)
+    return out
+
+
+@dequantize_4bit.register_fake
+def _(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str, shape: Sequence[int],
+      dtype: torch.dtype) -> torch.Tensor:
+    return packed.new_empty(tuple(shape), dtype=dtype)
+
+
+@torch.library.custom_op(
+    "kbit::dequantize_4bit_out", mutates_args=("out",), device_types=_DEVICE_TYPES,
+    schema="(Tensor packed, Tensor absmax, int blocksize, str quant_type, Tensor(a!) out) -> ()")
+def dequantize_4bit_out(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str,
+                        out: torch.Tensor) -> None:
+    _dequantize_4bit_into(packed, absmax, blocksize, quant_type, out)
+
+
+@dequantize_4bit_out.register_fake
+def _(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str, out: torch.Tensor) -> None:
+    return None
+
+
+@torch.library.custom_op(
+    "kbit::gemv_4bit", mutates_args=(), device_types=_DEVICE_TYPES,
+    schema="(Tensor A, Tensor packed, Tensor absmax, Tensor? bias, SymInt n_out, SymInt k_in, int blocksize, "
+           "str quant_type) -> Tensor")
+def gemv_4bit(A: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, bias: Optional[torch.Tensor],
+              n_out: int, k_in: int, blocksize: int, quant_type: str) -> torch.Tensor:
+    """out = W' A (+ bias) for one row A of k_in values and the (n_out, k_in) weight W quantized flat."""
+    dev, n = A.device, n_out * k_in
+    out = torch.empty((*A.shape[:-1], n_out), dtype=A.dtype, device=dev)
+    bias_ptr = None if bias is None else _guard(bias, "bias", dev, (A.dtype,), n_out)
+    args = (_float_dtype(A.dtype, "A"), _quant_type(quant_type), _guard(A, "A", dev, _FLOATS, k_in),
+            _guard(packed, "packed", dev, _U8, (n + 1) // 2), _guard(absmax, "absmax", dev, _F32, _blocks(n, blocksize)),
+            bias_ptr, out.data_ptr(), n_out, k_in, blocksize)
+    with _on_device(dev):
+        _library(dev).gemv_4bit(*args, _stream(dev))
+    return out
+
+
+@gemv_4bit.register_fake
+def _(A: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, bias: Optional[torch.Tensor], n_out: int,
+      k_in: int, blocksize: int, quant_type: str) -> torch.Tensor:
+    return A.new_empty((*A.shape[:-1], n_out))
+
+
+# --- 8-bit Adam ---------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op(
+    "kbit::adam_8bit_blockwise", mutates_args=("p", "state1", "state2", "absmax1", "absmax2"),
+    device_types=_DEVICE_TYPES,
+    schema="(Tensor(a!) p, Tensor g, Tensor(b!) state1, Tensor(c!) state2, Tensor(d!) absmax1, Tensor(e!) absmax2, "
+           "Tensor qmap1, Tensor qmap2, float beta1, float beta2, float eps, float weight_decay, float lr, int step, "
+           "float gnorm_scale, bool decoupled) -> ()")
+def adam_8bit_blockwise(p: torch.Tensor, g: torch.Tensor, state1: torch.Tensor, state2: torch.Tensor,
+                        absmax1: torch.Tensor, absmax2: torch.Tensor, qmap1: torch.Tensor, qmap2: torch.Tensor,
+                        beta1: float, beta2: float, eps: float, weight_decay: float, lr: float, step: int,
+                        gnorm_scale: float, decoupled: bool) -> None:
+    """One in-place 8-bit blockwise Adam (decoupled=False) or AdamW (True) step of kbit.h's
+    kbit_adam_8bit_blockwise; `step` >= 1 counts this step."""
+    dev, n = p.device, p.numel()
+    if not 1 <= step < 2**31:
+        raise ValueError(f"step must be in [1, 2**31), got {step}")
+    blocks = _blocks(n, OPTIM8_BLOCKSIZE)
+    ptrs = (_guard(p, "p", dev, _FLOATS), _guard(g, "g", dev, (p.dtype,), n), _guard(state1, "state1", dev, _U8, n),
+            _guard(state2, "state2", dev, _U8, n), _guard(absmax1, "absmax1", dev, _F32, blocks),
+            _guard(absmax2, "absmax2", dev, _F32, blocks), _guard(qmap1, "qmap1", dev, _F32, 256),
+            _guard(qmap2, "qmap2", dev, _F32, 256))
+    with _on_device(dev):
+        _library(dev).adam_8bit_blockwise(_float_dtype(p.dtype, "p"), *ptrs, beta1, beta2, eps, weight_decay, lr,
+                                          step, gnorm_scale, decoupled, n, _stream(dev))
+
+
+@adam_8bit_blockwise.register_fake
+def _(p: torch.Tensor, g: torch.Tensor, state1: torch.Tensor, state2: torch.Tensor, absmax1: torch.Tensor,
+      absmax2: torch.Tensor, qmap1: torch.Tensor, qmap2: torch.Tensor, beta1: float, beta2: float, eps: float,
+      weight_decay: float, lr: float, step: int, gnorm_scale: float, decoupled: bool) -> None:
+    return None
