@@ -8,7 +8,6 @@ the runtime chose (on the tensor's device and current stream).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 from collections.abc import Mapping
@@ -89,9 +88,32 @@ def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bi
     return torch.tensor(sorted(values), dtype=torch.float32)
 
 
-@functools.cache
+_CODEBOOKS: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+
+# torch.compile treats a codebook as a constant: it calls this eagerly instead of tracing into it
+# (the maps are built with Python floats, which Dynamo cannot trace).
+@torch.compiler.assume_constant_result
+def _codebook(name: str, device: torch.device) -> torch.Tensor:
+    """A shared, cached codebook ("dynamic", "dynamic_unsigned", "nf4", "fp4") on `device`; do not modify it."""
+    key = (name, device)
+    code = _CODEBOOKS.get(key)
+    if code is None:
+        if name in ("nf4", "fp4"):
+            code = _build_code_4bit(name)
+        else:
+            code = create_dynamic_map(signed=name == "dynamic")
+        code = _CODEBOOKS.setdefault(key, code.to(device))
+    return code
+
+
 def _default_code(device: torch.device) -> torch.Tensor:
-    return create_dynamic_map().to(device)
+    return _codebook("dynamic", device)
+
+
+def dynamic_map(signed: bool, device: object = "cpu") -> torch.Tensor:
+    """create_dynamic_map(signed), cached per device (shared: do not modify it)."""
+    return _codebook("dynamic" if signed else "dynamic_unsigned", torch.device(device))  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True, eq=False)
@@ -162,8 +184,8 @@ def _check_code(code: object, device: torch.device, ref: str) -> torch.Tensor:
         raise ValueError(f"code must hold {CODEBOOK_SIZE} float32 values, got {code.numel()} of {code.dtype}")
     _check_device(code, "code", device, ref)
     _check_contiguous(code, "code")
-    # Sortedness is checked where it costs no device synchronisation.
-    if code.device.type == "cpu" and bool((code[1:] < code[:-1]).any()):
+    # Sortedness is checked where it costs no device synchronisation (and not while torch.compile traces).
+    if code.device.type == "cpu" and not torch.compiler.is_compiling() and bool((code[1:] < code[:-1]).any()):
         raise ValueError("code must be sorted ascending (see create_dynamic_map())")
     return code
 
@@ -231,14 +253,15 @@ def get_4bit_code(quant_type: str = "nf4", device: object = "cpu") -> torch.Tens
     return _code_4bit(quant_type, torch.device(device)).clone()  # type: ignore[arg-type]
 
 
-@functools.cache
 def _code_4bit(quant_type: str, device: torch.device) -> torch.Tensor:
+    return _codebook(quant_type, device)
+
+
+def _build_code_4bit(quant_type: str) -> torch.Tensor:
     if quant_type == "nf4":
-        code = torch.tensor(_NF4_VALUES, dtype=torch.float32)
-    else:
-        mags = torch.tensor(_FP4_MAGNITUDES, dtype=torch.float32) / 12.0  # float32 quotients
-        code = torch.cat([mags, -mags])
-    return code.to(device)
+        return torch.tensor(_NF4_VALUES, dtype=torch.float32)
+    mags = torch.tensor(_FP4_MAGNITUDES, dtype=torch.float32) / 12.0  # float32 quotients
+    return torch.cat([mags, -mags])
 
 
 @dataclass(frozen=True, eq=False)
