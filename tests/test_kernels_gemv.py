@@ -173,9 +173,13 @@ def test_bad_arguments_return_their_status(lib) -> None:
     out = torch.empty(4)
     h = lib.handle
 
-    def call(dtype=0, qt=1, a=A.data_ptr(), p=packed.data_ptr(), m=absmax.data_ptr(), bias=None, o=out.data_ptr(),
-             n_out=4, k_in=64, blocksize=64):
-        return h.kbit_gemv_4bit(dtype, qt, a, p, m, bias, o, n_out, k_in, blocksize, None)
+    good = dict(dtype=0, qt=1, a=A.data_ptr(), p=packed.data_ptr(), m=absmax.data_ptr(), bias=None,
+                o=out.data_ptr(), n_out=4, k_in=64, blocksize=64)
+
+    def call(**kw):
+        a = {**good, **kw}
+        return h.kbit_gemv_4bit(a["dtype"], a["qt"], a["a"], a["p"], a["m"], a["bias"], a["o"], a["n_out"],
+                                a["k_in"], a["blocksize"], None)
 
     assert call() == OK
     assert call(n_out=-1) == INVALID
@@ -220,7 +224,7 @@ def cuda_lib():
 @pytest.mark.parametrize("use_bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("quant_type", QUANT_TYPES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES + [(4096, 4096, 64), (1000, 4095, 64)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", [*SHAPES, (4096, 4096, 64), (1000, 4095, 64)], ids=lambda s: "x".join(map(str, s)))
 def test_cuda_matches_cpu(lib, shape, dtype, quant_type, use_bias) -> None:
     glib = cuda_lib()
     n_out, k_in, blocksize = shape
