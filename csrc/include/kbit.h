@@ -132,7 +132,9 @@ KBIT_API int kbit_dequantize_4bit(int dtype, int quant_type, const uint8_t* pack
  * NULL, out n_out values of dtype:
  *   out[j] = sum_k A[k] * W'[j][k] (+ bias[j]),
  * accumulated in float32 (the summation order is the kernel's), then rounded once to dtype.
- * out must not overlap A, bias, packed or absmax.
+ * out must not overlap A, bias, packed or absmax. n_out = 0 does nothing (pointers may be NULL);
+ * k_in = 0 writes bias (or 0) to out and reads nothing else. A NaN/inf in a block of W reaches the
+ * rows that block covers.
  */
 KBIT_API int kbit_gemv_4bit(int dtype, int quant_type, const void* A, const uint8_t* packed, const float* absmax,
                             const void* bias, void* out, int64_t n_out, int64_t k_in, int32_t blocksize,
@@ -152,11 +154,20 @@ KBIT_API int kbit_gemv_4bit(int dtype, int quant_type, const void* A, const uint
  *   m  = beta1 * m + (1 - beta1) * g           (m, v dequantized: qmap[code] * absmax of the block)
  *   v  = beta2 * v + (1 - beta2) * g * g
  *   p -= lr * (m / (1 - beta1^step)) / (sqrt(v / (1 - beta2^step)) + eps)
- * then each block of m and v is requantized: its new absmax is the block's max |value|, each value
- * gets the code of the qmap entry nearest to value / absmax (an all-zero block stores absmax 0 and
- * codes of the entry nearest 0). step >= 1 is the step count after this step. p is written back as
- * dtype (rounded to nearest). A non-finite g makes its block's states and parameters non-finite, as
- * in torch.optim.Adam; skipping such steps is the caller's choice. All states must start zeroed.
+ * the last line evaluated as torch.optim.Adam does: p -= step_size * (m / (sqrt(v) / bias2_sqrt + eps))
+ * with step_size = lr / (1 - beta1^step) and bias2_sqrt = sqrt(1 - beta2^step) computed in double
+ * from the float32 arguments, then rounded to float32 (csrc/common/kbit_optim_math.h, shared by the
+ * CPU and CUDA kernels; the CUDA compiler may fuse multiply-adds, so the GPU can differ by rounding).
+ * Then each block of m and v is requantized: its new absmax is the block's max |value| (NaN if the
+ * block holds one), each value gets the code of the qmap entry nearest to value / absmax, ties to the
+ * lower index (an all-zero block stores absmax 0 and codes of the entry nearest 0; a NaN gets code 0).
+ * step >= 1 is the step count after this step. p is written back as dtype (rounded to nearest).
+ * A non-finite g makes its own parameter and its block's states non-finite (absmax NaN or inf), so
+ * from the next step on every parameter of that block, as in torch.optim.Adam; skipping such steps
+ * is the caller's choice. All states must start zeroed. The qmaps must be sorted ascending.
+ * KBIT_ERR_INVALID_ARGUMENT (even for n = 0): beta1 or beta2 outside [0, 1), eps, weight_decay, lr
+ * or gnorm_scale negative or not finite, step < 1, decoupled_weight_decay not 0 or 1; for n > 0 a
+ * NULL pointer.
  */
 KBIT_API int kbit_adam_8bit_blockwise(int dtype, void* p, const void* g, uint8_t* state1, uint8_t* state2,
                                       float* absmax1, float* absmax2, const float* qmap1, const float* qmap2,
