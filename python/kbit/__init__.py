@@ -30,6 +30,8 @@ __all__ = [
     "KbitWarning",
     "__version__",
     "functional",
+    "nn",
+    "optim",
 ]
 
 
@@ -48,7 +50,8 @@ def _version() -> str:
 
 __version__ = _version()
 
-_LAZY_SUBMODULES = frozenset({"functional"})
+# Imported on first attribute access (each imports torch and registers kbit's torch.library ops).
+_LAZY_SUBMODULES = frozenset({"functional", "nn", "optim"})
 
 
 def __getattr__(name: str) -> Any:

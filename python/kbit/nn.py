@@ -1,0 +1,212 @@
+"""4-bit (NF4/FP4) linear layer, state-dict compatible with bitsandbytes' Linear4bit.
+
+`Linear4bit.weight` is a non-trainable Parameter that holds the float weight until the layer is
+quantized, then the packed 4-bit codes (uint8, shape (ceil(out * in / 2), 1)); the layer's
+`quant_state` (a kbit.functional.QuantState4bit) holds the rest. The state dict holds `weight`, `bias`
+and the quant state under `weight.absmax`, `weight.quant_map`, `weight.nested_absmax`,
+`weight.nested_quant_map` and `weight.quant_state.bitsandbytes__<nf4|fp4>`, the keys bitsandbytes and
+transformers use, so checkpoints load in either library.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from . import functional as F
+
+__all__ = ["Linear4bit"]
+
+
+def _check_features(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def _check_compute_dtype(dtype: object) -> Optional[torch.dtype]:
+    if dtype is not None and dtype not in F._DTYPES:
+        raise TypeError(f"compute_dtype must be None, torch.float32, torch.float16 or torch.bfloat16, got {dtype!r}")
+    return dtype  # type: ignore[return-value]
+
+
+class Linear4bit(nn.Module):
+    """y = x W^T + b with W stored in 4 bits (NF4 or FP4, blockwise absmax, optionally nested).
+
+    The weight is quantized when the layer is built from a float layer (`from_linear`), when it is
+    built with `device=` "cpu" or "cuda", when the module is moved or cast (`.to(...)`, `.cuda()`,
+    `.cpu()`, `.half()`, ... on it or on a parent), or at the latest on the first forward. Built with
+    device=None it keeps a float weight (nn.Linear's initialisation) until then; with device="meta"
+    it allocates nothing, for load_state_dict to fill.
+
+    forward: a single row (x.numel() == in_features, no gradient needed for x) runs the 4-bit GEMV
+    kernel without materializing W; anything else dequantizes W and calls torch's linear. Inputs are
+    cast to `compute_dtype` (default: x's dtype) and the result back to x's dtype.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 compute_dtype: Optional[torch.dtype] = None, compress_statistics: bool = True,
+                 quant_type: str = "nf4", blocksize: int = 64, device: Any = None,
+                 dtype: Optional[torch.dtype] = None) -> None:
+        super().__init__()
+        self.in_features = _check_features(in_features, "in_features")
+        self.out_features = _check_features(out_features, "out_features")
+        self.compute_dtype = _check_compute_dtype(compute_dtype)
+        if not isinstance(compress_statistics, bool):
+            raise TypeError(f"compress_statistics must be True or False, got {compress_statistics!r}")
+        self.compress_statistics = compress_statistics
+        self.quant_type = F._check_quant_type(quant_type)
+        self.blocksize = F._check_blocksize_4bit(blocksize)
+        dtype = torch.float32 if dtype is None else dtype
+        if dtype not in F._DTYPES:
+            raise TypeError(f"dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype!r}")
+        self.quant_state: Optional[F.QuantState4bit] = None
+        weight = torch.empty(out_features, in_features, device=device, dtype=dtype)
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+        if weight.device.type != "meta":
+            self._init_like_linear()
+            if device is not None:  # placed explicitly: quantize now; else on the first move or forward
+                self.quantize_()
+
+    def _init_like_linear(self) -> None:
+        # nn.Linear's initialisation (kaiming-uniform weight, uniform bias in +-1/sqrt(in_features)).
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+            if self.bias is not None:
+                bound = 1 / math.sqrt(self.in_features)
+                nn.init.uniform_(self.bias, -bound, bound)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, compute_dtype: Optional[torch.dtype] = None,
+                    compress_statistics: bool = True, quant_type: str = "nf4", blocksize: int = 64,
+                    device: Any = None) -> Linear4bit:
+        """A quantized copy of `linear` (on `device`, default: linear's device)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
+        weight = linear.weight.detach()
+        device = weight.device if device is None else torch.device(device)
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, compute_dtype,
+                    compress_statistics, quant_type, blocksize, device="meta", dtype=weight.dtype)
+        layer.weight = nn.Parameter(weight.to(device, copy=True).contiguous(), requires_grad=False)
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.detach().to(device, copy=True))
+        layer.quantize_()
+        return layer
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.quant_state is not None
+
+    def quantize_(self) -> Linear4bit:
+        """Quantize the float weight in place (nothing to do when already quantized)."""
+        if self.quant_state is not None:
+            return self
+        packed, state = F.quantize_4bit(self.weight.detach().contiguous(), blocksize=self.blocksize,
+                                        quant_type=self.quant_type, compress_statistics=self.compress_statistics)
+        self.weight = nn.Parameter(packed, requires_grad=False)
+        self.quant_state = state
+        return self
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """W as a float tensor of shape (out_features, in_features)."""
+        if self.quant_state is None:
+            return self.weight.detach()
+        return F.dequantize_4bit(self.weight, self.quant_state)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Linear4bit:
+        super()._apply(fn, recurse)  # casts touch floating point tensors only: packed codes stay uint8
+        if self.quant_state is not None:
+            self.quant_state = self.quant_state.to(self.weight.device)
+        elif self.weight.device.type in ("cpu", "cuda"):
+            self.quantize_()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quant_state is None:
+            self.quantize_()
+        state = self.quant_state
+        assert state is not None
+        compute = self.compute_dtype or x.dtype
+        inp = x.to(compute)
+        bias = None if self.bias is None else self.bias.to(compute)
+        grad = torch.is_grad_enabled()
+        if x.numel() == self.in_features and compute in F._DTYPES and not (grad and x.requires_grad):
+            fused_bias = bias if bias is None or not (grad and bias.requires_grad) else None
+            out = F.gemv_4bit(inp.contiguous(), self.weight, state, fused_bias)
+            if bias is not None and fused_bias is None:
+                out = out + bias
+        else:
+            out = nn.functional.linear(inp, self.dequantized_weight().to(compute), bias)
+        return out.to(x.dtype)
+
+    # --- state dict: bitsandbytes' keys ----------------------------------------------------------------
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.quant_state is not None:
+            for key, value in self.quant_state.as_dict(packed=True).items():
+                destination[f"{prefix}weight.{key}"] = value if keep_vars else value.detach()
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: Any, strict: bool,
+                              missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str]) -> None:
+        wkey = prefix + "weight"
+        items = {k[len(wkey) + 1:]: v for k, v in state_dict.items() if k.startswith(wkey + ".")}
+        weight = state_dict.get(wkey)
+        if isinstance(weight, torch.Tensor):
+            problem = self._prepare_load(weight, items)
+            if problem:
+                error_msgs.append(f"{wkey}: {problem}")
+                return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        quant_keys = {f"{wkey}.{k}" for k in items}
+        unexpected_keys[:] = [k for k in unexpected_keys if k not in quant_keys]
+
+    def _prepare_load(self, weight: torch.Tensor, items: dict[str, Any]) -> Optional[str]:
+        """Make self.weight (and quant_state) the shape the saved weight has; None, or what is wrong."""
+        device = weight.device if self.weight.is_meta else self.weight.device
+        if self.bias is not None and self.bias.is_meta:  # a layer built on "meta" is materialized here
+            self.bias = nn.Parameter(torch.empty_like(self.bias, device=device), requires_grad=self.bias.requires_grad)
+        if items:
+            try:
+                state = F.QuantState4bit.from_dict(items, device)
+            except (TypeError, ValueError) as e:
+                return str(e)
+            if tuple(state.shape) != (self.out_features, self.in_features):
+                return (f"the saved weight has shape {tuple(state.shape)}, this layer "
+                        f"({self.out_features}, {self.in_features})")
+            if weight.dtype != torch.uint8 or weight.numel() != (math.prod(state.shape) + 1) // 2:
+                return f"the saved 4-bit weight must hold {(math.prod(state.shape) + 1) // 2} uint8 bytes"
+            self.weight = nn.Parameter(torch.empty(weight.shape, dtype=torch.uint8, device=device),
+                                       requires_grad=False)
+            self.quant_state = state
+            self.quant_type, self.blocksize, self.compress_statistics = state.quant_type, state.blocksize, state.nested
+            return None
+        if weight.shape != (self.out_features, self.in_features) or weight.dtype not in F._DTYPES:
+            return (f"expected a 4-bit weight with its quant state items, or a float weight of shape "
+                    f"({self.out_features}, {self.in_features}); got {weight.dtype} of shape {tuple(weight.shape)}")
+        # A float checkpoint (e.g. nn.Linear's): load it as the float weight; quantized on the next move,
+        # or right away when this layer was already quantized.
+        requantize = self.quant_state is not None
+        self.weight = nn.Parameter(torch.empty(weight.shape, dtype=weight.dtype, device=device), requires_grad=False)
+        self.quant_state = None
+        if requantize:
+            self._register_load_state_dict_post_hook_once()
+        return None
+
+    def _register_load_state_dict_post_hook_once(self) -> None:
+        def hook(module: nn.Module, incompatible: Any) -> None:
+            handle.remove()
+            if isinstance(module, Linear4bit) and module.weight.device.type in ("cpu", "cuda"):
+                module.quantize_()
+
+        handle = self.register_load_state_dict_post_hook(hook)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"quant_type={self.quant_type}, blocksize={self.blocksize}, "
+                f"compress_statistics={self.compress_statistics}, quantized={self.is_quantized}")

@@ -1,0 +1,184 @@
+"""kbit.nn.Linear4bit: quantization on construction / move, the GEMV and dequantize paths, state dict
+round trips, and checkpoints of bitsandbytes 0.50.2's Linear4bit (its CPU path as the oracle)."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from kbit import functional as F
+from kbit import nn as knn
+from torch import nn
+
+
+def _linear(in_features: int = 160, out_features: int = 96, seed: int = 0, bias: bool = True) -> nn.Linear:
+    torch.manual_seed(seed)
+    return nn.Linear(in_features, out_features, bias=bias)
+
+
+def _x(*shape: int, seed: int = 1, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("compress", [True, False])
+def test_from_linear_matches_dequantized_reference(quant_type: str, compress: bool) -> None:
+    lin = _linear()
+    q = knn.Linear4bit.from_linear(lin, quant_type=quant_type, compress_statistics=compress, blocksize=64)
+    assert q.is_quantized and q.weight.dtype == torch.uint8 and q.weight.shape == (160 * 96 // 2, 1)
+    assert q.quant_state.nested == compress and not q.weight.requires_grad
+    W = q.dequantized_weight()
+    w = lin.weight.detach()
+    assert W.shape == (96, 160) and float((W - w).abs().max()) < 0.2 * float(w.abs().max())
+    with torch.no_grad():
+        xb = _x(4, 3, 160)
+        assert torch.equal(q(xb), nn.functional.linear(xb, W, lin.bias))  # the dequantize path: bit-equal
+        x1 = _x(1, 160, seed=2)
+        torch.testing.assert_close(q(x1), nn.functional.linear(x1, W, lin.bias), rtol=1e-5, atol=1e-5)
+
+
+def test_single_row_uses_gemv(monkeypatch) -> None:
+    q = knn.Linear4bit.from_linear(_linear())
+    calls = []
+    real = F.gemv_4bit
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(F, "gemv_4bit", spy)
+    with torch.no_grad():
+        assert q(_x(160)).shape == (96,) and q(_x(1, 1, 160)).shape == (1, 1, 96)
+        q(_x(2, 160))
+    assert calls == [(160,), (1, 1, 160)]
+    q(_x(1, 160))  # grad enabled, bias trainable: GEMV without bias, the bias added by torch
+    assert len(calls) == 3
+    x = _x(1, 160).requires_grad_()
+    q(x).sum().backward()  # x needs a gradient: the dequantize path
+    assert len(calls) == 3 and x.grad is not None
+    torch.testing.assert_close(x.grad, q.dequantized_weight().sum(0, keepdim=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_compute_dtype(dtype: torch.dtype) -> None:
+    lin = _linear()
+    q = knn.Linear4bit.from_linear(lin, compute_dtype=dtype)
+    with torch.no_grad():
+        for x in (_x(160), _x(3, 160)):
+            y = q(x)
+            assert y.dtype == torch.float32
+            ref = nn.functional.linear(x.to(dtype), q.dequantized_weight().to(dtype), lin.bias.to(dtype)).float()
+            torch.testing.assert_close(y, ref, rtol=2e-2, atol=2e-2)
+
+
+def test_quantized_on_move_or_first_forward() -> None:
+    layer = knn.Linear4bit(64, 32)
+    assert not layer.is_quantized and layer.weight.dtype == torch.float32 and layer.weight.shape == (32, 64)
+    W = layer.weight.detach().clone()
+    assert layer.to("cpu") is layer and layer.is_quantized
+    assert torch.equal(layer.weight, F.quantize_4bit(W, compress_statistics=True)[0])
+    parent = nn.Sequential(knn.Linear4bit(64, 32))
+    parent.to("cpu")
+    assert parent[0].is_quantized
+    lazy = knn.Linear4bit(64, 32, bias=False, compress_statistics=False)
+    with torch.no_grad():
+        lazy(_x(64))
+    assert lazy.is_quantized and not lazy.quant_state.nested
+    assert knn.Linear4bit(64, 32, device="cpu").is_quantized
+    meta = knn.Linear4bit(64, 32, device="meta")
+    assert not meta.is_quantized and meta.weight.is_meta
+
+
+def test_half_keeps_codes() -> None:
+    q = knn.Linear4bit.from_linear(_linear())
+    packed = q.weight.detach().clone()
+    q.half()
+    assert q.weight.dtype == torch.uint8 and torch.equal(q.weight, packed)
+    assert q.quant_state.state2.absmax.dtype == torch.float32 and q.bias.dtype == torch.float16
+
+
+@pytest.mark.parametrize("compress", [True, False])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_state_dict_round_trip(compress: bool, quant_type: str) -> None:
+    q = knn.Linear4bit.from_linear(_linear(), quant_type=quant_type, compress_statistics=compress, blocksize=128)
+    sd = q.state_dict()
+    keys = ["weight", "bias", "weight.absmax", "weight.quant_map"]
+    keys += ["weight.nested_absmax", "weight.nested_quant_map"] if compress else []
+    assert list(sd) == [*keys, f"weight.quant_state.bitsandbytes__{quant_type}"]
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    loaded_sd = torch.load(buf, weights_only=True)
+    for fresh in (knn.Linear4bit(160, 96, device="meta"), knn.Linear4bit(160, 96, device="cpu"),
+                  knn.Linear4bit(160, 96)):
+        result = fresh.load_state_dict(loaded_sd)
+        assert not result.missing_keys and not result.unexpected_keys
+        assert fresh.quant_type == quant_type and fresh.blocksize == 128 and fresh.quant_state.nested == compress
+        with torch.no_grad():
+            for x in (_x(160), _x(5, 160)):
+                assert torch.equal(fresh(x), q(x))
+
+
+def test_float_state_dict_is_quantized_on_load() -> None:
+    lin = _linear()
+    q = knn.Linear4bit(160, 96, device="cpu")
+    q.load_state_dict(lin.state_dict())
+    expected = knn.Linear4bit.from_linear(lin)
+    assert q.is_quantized and torch.equal(q.weight, expected.weight)
+    with torch.no_grad():
+        assert torch.equal(q(_x(3, 160)), expected(_x(3, 160)))
+
+
+def test_load_rejects_mismatch() -> None:
+    sd = knn.Linear4bit.from_linear(_linear(64, 32)).state_dict()
+    with pytest.raises(RuntimeError, match=r"the saved weight has shape \(32, 64\), this layer \(96, 160\)"):
+        knn.Linear4bit(160, 96).load_state_dict(sd)
+    bad = dict(sd)
+    bad["weight.quant_map"] = "oops"
+    with pytest.raises(RuntimeError, match="'quant_map' must be Tensor"):
+        knn.Linear4bit(64, 32).load_state_dict(bad)
+    with pytest.raises(RuntimeError, match="expected a 4-bit weight with its quant state items"):
+        knn.Linear4bit(64, 32).load_state_dict({"weight": torch.zeros(10), "bias": torch.zeros(32)})
+
+
+def _bnb_layer(lin: nn.Linear, quant_type: str, compress: bool):
+    bnb = pytest.importorskip("bitsandbytes")
+    layer = bnb.nn.Linear4bit(lin.in_features, lin.out_features, compress_statistics=compress, quant_type=quant_type)
+    layer.weight = bnb.nn.Params4bit(lin.weight.detach().clone(), requires_grad=False, quant_type=quant_type,
+                                     compress_statistics=compress, blocksize=64)
+    layer.bias = nn.Parameter(lin.bias.detach().clone())
+    return layer.to("cpu")
+
+
+@pytest.mark.parametrize("compress", [True, False])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_bitsandbytes_checkpoint_loads(compress: bool, quant_type: str) -> None:
+    lin = _linear(seed=3)
+    theirs = _bnb_layer(lin, quant_type, compress)
+    bnb_sd = theirs.state_dict()
+    ours = knn.Linear4bit.from_linear(lin, quant_type=quant_type, compress_statistics=compress)
+    our_sd = ours.state_dict()
+    assert list(our_sd) == list(bnb_sd) and all(torch.equal(our_sd[k], bnb_sd[k]) for k in bnb_sd)
+    fresh = knn.Linear4bit(160, 96, device="meta")
+    fresh.load_state_dict(bnb_sd)
+    with torch.no_grad():
+        xb = _x(3, 160)
+        assert torch.equal(fresh(xb), theirs(xb))
+        torch.testing.assert_close(fresh(_x(160)), theirs(_x(160)), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="in_features must be a positive int"):
+        knn.Linear4bit(0, 3)
+    with pytest.raises(ValueError, match="quant_type must be 'nf4' or 'fp4'"):
+        knn.Linear4bit(3, 3, quant_type="int4")
+    with pytest.raises(ValueError, match="blocksize must be one of"):
+        knn.Linear4bit(3, 3, blocksize=100)
+    with pytest.raises(TypeError, match="compute_dtype must be None"):
+        knn.Linear4bit(3, 3, compute_dtype=torch.float64)
+    with pytest.raises(TypeError, match=r"linear must be a torch\.nn\.Linear"):
+        knn.Linear4bit.from_linear(nn.Conv1d(3, 3, 1))
+    q = knn.Linear4bit.from_linear(_linear())
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        q(_x(2, 100))
