@@ -89,6 +89,13 @@ def _quant_type(quant_type: str) -> int:
     return QUANT_TYPES_4BIT.index(quant_type)
 
 
+def _blocksize(blocksize: int, low: int) -> int:
+    """A power of two in [low, 4096] (kbit.h's KBIT_BLOCKWISE{8,4}_{MIN,MAX}_BLOCKSIZE)."""
+    if not low <= blocksize <= 4096 or blocksize & (blocksize - 1):
+        raise ValueError(f"blocksize must be a power of two in [{low}, 4096], got {blocksize}")
+    return blocksize
+
+
 def _blocks(n: int, blocksize: int) -> int:
     return (n + blocksize - 1) // blocksize  # works on SymInts too
 
@@ -105,7 +112,7 @@ _FLOATS = tuple(DTYPE_CODES)
                          schema="(Tensor A, Tensor code, int blocksize) -> (Tensor, Tensor)")
 def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
     out = torch.empty(A.shape, dtype=torch.uint8, device=A.device)
-    absmax = torch.empty(_blocks(A.numel(), blocksize), dtype=torch.float32, device=A.device)
+    absmax = torch.empty(_blocks(A.numel(), _blocksize(blocksize, 64)), dtype=torch.float32, device=A.device)
     dev = A.device
     args = (_float_dtype(A.dtype, "A"), _guard(A, "A", dev, _FLOATS), _guard(code, "code", dev, _F32, 256),
             out.data_ptr(), absmax.data_ptr(), A.numel(), blocksize)
@@ -123,6 +130,7 @@ def _(A: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor
 def _dequantize_blockwise_into(codes: torch.Tensor, code: torch.Tensor, absmax: torch.Tensor, blocksize: int,
                                out: torch.Tensor) -> None:
     dev, n = codes.device, codes.numel()
+    _blocksize(blocksize, 64)
     args = (_float_dtype(out.dtype, "out"), _guard(codes, "codes", dev, _U8), _guard(code, "code", dev, _F32, 256),
             _guard(absmax, "absmax", dev, _F32, _blocks(n, blocksize)), _guard(out, "out", dev, _FLOATS, n),
             n, blocksize)
@@ -167,7 +175,7 @@ def _(codes: torch.Tensor, code: torch.Tensor, absmax: torch.Tensor, blocksize: 
 def quantize_4bit(A: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
     n, dev = A.numel(), A.device
     packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=dev)
-    absmax = torch.empty(_blocks(n, blocksize), dtype=torch.float32, device=dev)
+    absmax = torch.empty(_blocks(n, _blocksize(blocksize, 32)), dtype=torch.float32, device=dev)
     args = (_float_dtype(A.dtype, "A"), _quant_type(quant_type), _guard(A, "A", dev, _FLOATS), packed.data_ptr(),
             absmax.data_ptr(), n, blocksize)
     with _on_device(dev):
@@ -185,6 +193,7 @@ def _(A: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, t
 def _dequantize_4bit_into(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str,
                           out: torch.Tensor) -> None:
     dev, n = packed.device, out.numel()
+    _blocksize(blocksize, 32)
     args = (_float_dtype(out.dtype, "out"), _quant_type(quant_type),
             _guard(packed, "packed", dev, _U8, (n + 1) // 2), _guard(absmax, "absmax", dev, _F32, _blocks(n, blocksize)),
             _guard(out, "out", dev, _FLOATS), n, blocksize)
@@ -229,6 +238,7 @@ def gemv_4bit(A: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, bias:
               n_out: int, k_in: int, blocksize: int, quant_type: str) -> torch.Tensor:
     """out = W' A (+ bias) for one row A of k_in values and the (n_out, k_in) weight W quantized flat."""
     dev, n = A.device, n_out * k_in
+    _blocksize(blocksize, 32)
     out = torch.empty((*A.shape[:-1], n_out), dtype=A.dtype, device=dev)
     bias_ptr = None if bias is None else _guard(bias, "bias", dev, (A.dtype,), n_out)
     args = (_float_dtype(A.dtype, "A"), _quant_type(quant_type), _guard(A, "A", dev, _FLOATS, k_in),
