@@ -170,6 +170,38 @@ def test_first_step_from_zeroed_states(lib, decoupled) -> None:
     assert moved[:BLOCK].sub(1e-3).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("qmap", ["signed", "unsigned"])
+def test_requantization_at_midpoints(lib, qmap) -> None:
+    """With beta1 = beta2 = 0 the new m is g and v is g * g; each block's first g is 1, so absmax1 is 1 and
+    m / absmax1 = g exactly: g at every midpoint between neighbouring qmap entries and one float either
+    side. The CPU's search cache (calls of >= 65536 values) and its per-value binary search (smaller
+    calls) must both give the reference's codes, ties to the lower entry."""
+    q = QMAP1 if qmap == "signed" else QMAP2
+    mids = ((q[:-1] + q[1:]) / 2).float()
+    xs = torch.cat([mids, torch.nextafter(mids, torch.tensor(2.0)), torch.nextafter(mids, torch.tensor(-2.0)), q])
+    per_block = BLOCK - 1
+    reps = -(-70_000 // per_block)  # blocks
+    vals = xs.repeat(-(-reps * per_block // xs.numel()))[: reps * per_block].view(reps, per_block)
+    g = torch.cat([torch.ones(reps, 1), vals], dim=1).reshape(-1).contiguous()
+    n = g.numel()
+    hyper = dict(beta1=0.0, beta2=0.0, lr=1e-3)
+    whole = State(torch.zeros(n))
+    native_step(lib, whole, g, **hyper)
+    ref = reference_step(State(torch.zeros(n)), g, **hyper)
+    assert torch.equal(whole.absmax1, torch.ones_like(whole.absmax1))
+    assert_states_equal(whole, ref)
+    chunk = 255 * BLOCK  # < 65536 values per call: the binary search
+    parts = State(torch.zeros(n))
+    for start in range(0, n, chunk):
+        end = min(start + chunk, n)
+        sub = State(torch.zeros(end - start))
+        native_step(lib, sub, g[start:end].contiguous(), **hyper)
+        parts.p[start:end], parts.state1[start:end], parts.state2[start:end] = sub.p, sub.state1, sub.state2
+        parts.absmax1[start // BLOCK:(end + BLOCK - 1) // BLOCK] = sub.absmax1
+        parts.absmax2[start // BLOCK:(end + BLOCK - 1) // BLOCK] = sub.absmax2
+    assert_states_equal(parts, whole)
+
+
 def test_ties_go_to_the_lower_entry() -> None:
     q = torch.tensor([-1.0, -0.5, 0.0, 0.5, 1.0] + [1.0] * 251)
     x = torch.tensor([-0.75, -0.25, 0.25, 0.75, 0.2, 0.3])

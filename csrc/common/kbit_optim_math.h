@@ -50,19 +50,28 @@ static inline KbitAdamParams kbit_adam_params(float beta1, float beta2, float ep
   return q;
 }
 
-/* One value's step: p, m, v updated in place (m, v are the dequantized states). Branch-free. */
-KBIT_HD void kbit_adam_update(const KbitAdamParams* q, float* p, float g, float* m, float* v) {
+/* One value's step in two halves around sqrt(v), so a CPU kernel can take the square roots of a
+ * whole buffer at once (an IEEE sqrt, correctly rounded like sqrtf: the same values either way).
+ * First half: the gradient's scaling and weight decay, AdamW's decay of p, and the new moments. */
+KBIT_HD void kbit_adam_moments(const KbitAdamParams* q, float* p, float g, float* m, float* v) {
   float pv = *p;
   g = g * q->gnorm_scale;
   g = g + q->weight_decay * pv; /* weight_decay is 0 for AdamW: g + 0 * p = g for finite p */
-  pv = pv * q->decay;           /* decay is 1 for Adam */
-  float mv = q->beta1 * *m + q->one_minus_beta1 * g;
-  float vv = q->beta2 * *v + q->one_minus_beta2 * (g * g);
-  float denom = sqrtf(vv) / q->bias2_sqrt + q->eps;
-  pv = pv - q->step_size * (mv / denom);
-  *p = pv;
-  *m = mv;
-  *v = vv;
+  *p = pv * q->decay;           /* decay is 1 for Adam */
+  *m = q->beta1 * *m + q->one_minus_beta1 * g;
+  *v = q->beta2 * *v + q->one_minus_beta2 * (g * g);
+}
+
+/* Second half: the parameter after the update, from the (decayed) p, the new m and sqrt(new v). */
+KBIT_HD float kbit_adam_apply(const KbitAdamParams* q, float p, float m, float sqrt_v) {
+  float denom = sqrt_v / q->bias2_sqrt + q->eps;
+  return p - q->step_size * (m / denom);
+}
+
+/* One value's whole step: p, m, v updated in place (m, v are the dequantized states). */
+KBIT_HD void kbit_adam_update(const KbitAdamParams* q, float* p, float g, float* m, float* v) {
+  kbit_adam_moments(q, p, g, m, v);
+  *p = kbit_adam_apply(q, *p, *m, sqrtf(*v));
 }
 
 /* The normalized value a state is requantized from: value / absmax, and 0 in an all-zero block

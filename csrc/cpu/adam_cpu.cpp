@@ -8,18 +8,21 @@
  *   2. the per-value step (kbit_optim_math.h), p stored back, and the NaN-propagating max |m|, |v|,
  *   3. normalize by the new absmax,
  *   4. the nearest codebook entry of each normalized value.
- * Step 4 is kbit_nearest_code (a binary search); for large calls it is computed through a cache:
- * a table indexed by the top 16 bits of the value's order-preserving integer key holds, for each
- * bucket, the search's lower neighbour at the bucket's smallest value, and a short forward walk
- * finishes the search. That is the same lower neighbour (the largest index in [0, 254] whose entry
- * is <= x), then the same kbit_pick_neighbor, so the codes are those of kbit_nearest_code exactly.
+ * Step 4 is kbit_nearest_code (a binary search, then the nearer neighbour, ties to the lower index).
+ * For large calls it goes through a cache that gives the same codes: kbit_nearest_code(qmap, x) is
+ * a non-decreasing step function of x (the lower neighbour only moves up with x, and between two
+ * neighbours the "upper is strictly nearer" test, on float differences, flips once), so it equals
+ * the number of thresholds T_k <= x, where T_k is the smallest float whose code exceeds k, found once
+ * per call by bisection over the floats of [-2, 2] with kbit_nearest_code itself as the oracle. A table indexed
+ * by the top 16 bits of x's order-preserving integer key holds that count at each bucket's smallest
+ * float, and a few branch-free steps over the thresholds finish it (1 for the dynamic maps).
  */
-/* sqrtf without errno, so the step's loop vectorizes (v >= 0 or NaN: errno is never meaningful). */
-#pragma GCC optimize("no-math-errno")
-
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #include "kbit.h"
 #include "kbit_common.h"
@@ -46,24 +49,53 @@ inline uint32_t order_key(float x) {
 
 inline float key_float(uint32_t key) { return kbit_bits_f32((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key); }
 
-/* table[t] = the largest index lo in [0, 254] with qmap[lo] <= the smallest non-NaN value of bucket t
- * (0 when there is none): a lower bound of the search's lower neighbour for every x in bucket t. */
-void build_search_table(const float* qmap, uint8_t* table) {
-  int32_t lo = 0;
+/* The cache covers |x| <= kCacheDomain: the normalized states lie in [-1, 1]. (Far outside, e.g. at
+ * +inf, where x - entry rounds to the same value for neighbouring entries, kbit_nearest_code is not
+ * monotone, so the cache would not describe it there.) */
+const float kCacheDomain = 2.0f;
+
+/* The cache of kbit_nearest_code for one qmap (see the top of the file). */
+struct SearchCache {
+  float qmap[KBIT_CODEBOOK8_SIZE];
+  float thresholds[KBIT_CODEBOOK8_SIZE]; /* T_k for k in [0, 254]; NaN: no float's code exceeds k */
+  int32_t walk;                           /* steps after the table lookup */
+  uint8_t table[kSearchTableSize];        /* #{k : T_k <= the bucket's smallest float} */
+};
+
+void build_search_cache(const float* qmap, SearchCache* c) {
+  memcpy(c->qmap, qmap, sizeof c->qmap);
+  const uint32_t lowest = order_key(-kCacheDomain), highest = order_key(kCacheDomain);
+  for (int k = 0; k < KBIT_CODEBOOK8_SIZE - 1; ++k) {
+    if (kbit_nearest_code(qmap, kCacheDomain) <= k) {
+      c->thresholds[k] = NAN;
+      continue;
+    }
+    uint32_t lo = lowest, hi = highest; /* the answer is in [lo, hi]: code(key_float(hi)) > k */
+    while (lo < hi) {
+      uint32_t mid = lo + (hi - lo) / 2;
+      if (kbit_nearest_code(qmap, key_float(mid)) > k) hi = mid; else lo = mid + 1;
+    }
+    c->thresholds[k] = key_float(lo);
+  }
+  c->thresholds[KBIT_CODEBOOK8_SIZE - 1] = NAN; /* never reached: the count stops at 255 */
+  int32_t count = 0, walk = 0, prev = 0;
   for (int64_t t = 0; t < kSearchTableSize; ++t) {
     float s = key_float((uint32_t)(t << (32 - kSearchTableBits)));
-    if (s == s) /* NaN buckets (keys below -inf's or above +inf's) keep the running bound */
-      while (lo < 254 && qmap[lo + 1] <= s) ++lo;
-    table[t] = (uint8_t)lo;
+    if (s == s) /* NaN buckets (keys below -inf's or above +inf's) keep the running count */
+      while (count < KBIT_CODEBOOK8_SIZE - 1 && c->thresholds[count] <= s) ++count;
+    c->table[t] = (uint8_t)count;
+    walk = count - prev > walk ? count - prev : walk;
+    prev = count;
   }
+  c->walk = walk + 1; /* a value may pass every threshold up to the next bucket's start */
 }
 
-/* kbit_nearest_code(qmap, x) through the table. */
-inline uint8_t nearest_code_cached(const float* qmap, const uint8_t* table, float x) {
-  if (x != x) return kbit_nearest_code(qmap, x);
-  int32_t lo = table[order_key(x) >> (32 - kSearchTableBits)];
-  while (lo < 254 && qmap[lo + 1] <= x) ++lo;
-  return kbit_pick_neighbor(qmap, lo, x);
+/* kbit_nearest_code(qmap, x), through the cache. */
+inline uint8_t nearest_code_cached(const SearchCache* __restrict c, float x) {
+  if (!(fabsf(x) <= kCacheDomain)) return kbit_nearest_code(c->qmap, x); /* NaN, or never (|x| <= 1) */
+  int32_t code = c->table[order_key(x) >> (32 - kSearchTableBits)];
+  for (int32_t s = 0; s < c->walk; ++s) code += (code < KBIT_CODEBOOK8_SIZE - 1) & (c->thresholds[code] <= x);
+  return (uint8_t)code;
 }
 
 struct AdamLoadF32 {
@@ -88,8 +120,8 @@ struct AdamJob {
   float* absmax2;
   int64_t n;
   KbitAdamParams q;
-  const uint8_t* table1; /* NULL: binary search per value */
-  const uint8_t* table2;
+  const SearchCache* cache1; /* NULL: binary search per value */
+  const SearchCache* cache2;
   float qmap1[KBIT_CODEBOOK8_SIZE];
   float qmap2[KBIT_CODEBOOK8_SIZE];
 };
@@ -106,6 +138,15 @@ inline float max_bits(const uint32_t* __restrict bits, int64_t len) {
   return kbit_bits_f32(r);
 }
 
+/* out[i] = sqrtf(in[i]), correctly rounded. */
+inline void sqrt_buffer(const float* __restrict in, float* __restrict out, int64_t len) {
+  int64_t i = 0;
+#if defined(__SSE2__)
+  for (; i + 4 <= len; i += 4) _mm_storeu_ps(out + i, _mm_sqrt_ps(_mm_loadu_ps(in + i)));
+#endif
+  for (; i < len; ++i) out[i] = sqrtf(in[i]);
+}
+
 template <typename T>
 void adam_blocks(void* ctx, int64_t first_block, int64_t end_block) {
   const AdamJob& job = *static_cast<const AdamJob*>(ctx);
@@ -115,7 +156,7 @@ void adam_blocks(void* ctx, int64_t first_block, int64_t end_block) {
   memcpy(lut2, job.qmap2, sizeof lut2);
   uint8_t* __restrict s1 = job.state1;
   uint8_t* __restrict s2 = job.state2;
-  float m[kBlock], v[kBlock];
+  float m[kBlock], v[kBlock], pd[kBlock], sv[kBlock];
   uint32_t mb[kBlock], vb[kBlock];
   for (int64_t b = first_block; b < end_block; ++b) {
     int64_t start = b * kBlock;
@@ -126,16 +167,21 @@ void adam_blocks(void* ctx, int64_t first_block, int64_t end_block) {
       m[i] = kbit_dequantize_value(lut1, s1[start + i], a1);
       v[i] = kbit_dequantize_value(lut2, s2[start + i], a2);
     }
-    /* 2. the step */
+    /* 2. the step, in three passes: sqrtf sets errno, so a loop calling it stays scalar; the square
+     * roots of the whole buffer are taken apart (SSE2's sqrtps, IEEE like sqrtf). */
     for (int64_t i = 0; i < len; ++i) {
       float pv = T::load(job.p, start + i);
       float mv = m[i], vv = v[i];
-      kbit_adam_update(&q, &pv, T::load(job.g, start + i), &mv, &vv);
-      T::store(job.p, start + i, pv);
+      kbit_adam_moments(&q, &pv, T::load(job.g, start + i), &mv, &vv);
+      pd[i] = pv;
       m[i] = mv;
       v[i] = vv;
-      mb[i] = kbit_abs_bits(mv);
-      vb[i] = kbit_abs_bits(vv);
+    }
+    sqrt_buffer(v, sv, len);
+    for (int64_t i = 0; i < len; ++i) {
+      T::store(job.p, start + i, kbit_adam_apply(&q, pd[i], m[i], sv[i]));
+      mb[i] = kbit_abs_bits(m[i]);
+      vb[i] = kbit_abs_bits(v[i]);
     }
     float n1 = max_bits(mb, len), n2 = max_bits(vb, len);
     job.absmax1[b] = n1;
@@ -146,9 +192,9 @@ void adam_blocks(void* ctx, int64_t first_block, int64_t end_block) {
       v[i] = kbit_optim_normalize(v[i], n2);
     }
     /* 4. requantize */
-    if (job.table1 != NULL) {
-      for (int64_t i = 0; i < len; ++i) s1[start + i] = nearest_code_cached(lut1, job.table1, m[i]);
-      for (int64_t i = 0; i < len; ++i) s2[start + i] = nearest_code_cached(lut2, job.table2, v[i]);
+    if (job.cache1 != NULL) {
+      for (int64_t i = 0; i < len; ++i) s1[start + i] = nearest_code_cached(job.cache1, m[i]);
+      for (int64_t i = 0; i < len; ++i) s2[start + i] = nearest_code_cached(job.cache2, v[i]);
     } else {
       for (int64_t i = 0; i < len; ++i) s1[start + i] = kbit_optim_code(lut1, m[i]);
       for (int64_t i = 0; i < len; ++i) s2[start + i] = kbit_optim_code(lut2, v[i]);
@@ -182,15 +228,15 @@ extern "C" KBIT_API int kbit_adam_8bit_blockwise(int dtype, void* p, const void*
   job->q = kbit_adam_params(beta1, beta2, eps, weight_decay, lr, step, gnorm_scale, decoupled_weight_decay);
   memcpy(job->qmap1, qmap1, sizeof job->qmap1);
   memcpy(job->qmap2, qmap2, sizeof job->qmap2);
-  uint8_t* tables = NULL;
-  job->table1 = job->table2 = NULL;
+  SearchCache* caches = NULL;
+  job->cache1 = job->cache2 = NULL;
   if (n >= kSearchTableMinValues) {
-    tables = static_cast<uint8_t*>(malloc(2 * kSearchTableSize));
-    if (tables != NULL) { /* no memory: search per value */
-      build_search_table(job->qmap1, tables);
-      build_search_table(job->qmap2, tables + kSearchTableSize);
-      job->table1 = tables;
-      job->table2 = tables + kSearchTableSize;
+    caches = static_cast<SearchCache*>(malloc(2 * sizeof(SearchCache)));
+    if (caches != NULL) { /* no memory: search per value */
+      build_search_cache(job->qmap1, &caches[0]);
+      build_search_cache(job->qmap2, &caches[1]);
+      job->cache1 = &caches[0];
+      job->cache2 = &caches[1];
     }
   }
   int64_t blocks = (n + kBlock - 1) / kBlock;
@@ -200,7 +246,7 @@ extern "C" KBIT_API int kbit_adam_8bit_blockwise(int dtype, void* p, const void*
     case KBIT_DTYPE_F16: parallel_for(blocks, grain, adam_blocks<AdamLoadF16>, job); break;
     default: parallel_for(blocks, grain, adam_blocks<AdamLoadBF16>, job); break;
   }
-  free(tables);
+  free(caches);
   free(job);
   return KBIT_OK;
 }
