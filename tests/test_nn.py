@@ -182,3 +182,14 @@ def test_bad_arguments() -> None:
     q = knn.Linear4bit.from_linear(_linear())
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
         q(_x(2, 100))
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_equals_eager(backend: str) -> None:
+    torch._dynamo.reset()
+    model = nn.Sequential(knn.Linear4bit.from_linear(_linear(64, 128)), nn.GELU(),
+                          knn.Linear4bit.from_linear(_linear(128, 32, seed=1)))
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    with torch.no_grad():
+        for x in (_x(64), _x(4, 64)):  # the GEMV path and the dequantize path
+            torch.testing.assert_close(compiled(x), model(x), rtol=1e-6, atol=1e-6)
