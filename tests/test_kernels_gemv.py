@@ -45,6 +45,17 @@ def lib() -> _native.NativeLibrary:
     return _native.cpu_library()
 
 
+@pytest.fixture(params=["default", "baseline"])
+def cpu_path(request, monkeypatch) -> str:
+    """Both CPU code paths: the default (AVX2 + FMA where the CPU has them) and the baseline x86-64 one
+    (KBIT_CPU_BASELINE=1, read on every call)."""
+    if request.param == "baseline":
+        monkeypatch.setenv("KBIT_CPU_BASELINE", "1")
+    else:
+        monkeypatch.delenv("KBIT_CPU_BASELINE", raising=False)
+    return request.param
+
+
 def quantized_weight(n_out: int, k_in: int, blocksize: int, quant_type: str, dtype: torch.dtype, seed: int = 0):
     """W (n_out x k_in) quantized as one flat tensor, and its float32 dequantization W'."""
     gen = torch.Generator().manual_seed(seed)
@@ -80,7 +91,7 @@ def check_close(out: torch.Tensor, A: torch.Tensor, W32: torch.Tensor, bias) -> 
 @pytest.mark.parametrize("quant_type", QUANT_TYPES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_gemv_equals_dequantize_then_matmul(lib, shape, dtype, quant_type, use_bias) -> None:
+def test_gemv_equals_dequantize_then_matmul(lib, cpu_path, shape, dtype, quant_type, use_bias) -> None:
     n_out, k_in, blocksize = shape
     packed, absmax, W32 = quantized_weight(n_out, k_in, blocksize, quant_type, dtype, seed=n_out * k_in)
     gen = torch.Generator().manual_seed(1)
@@ -91,7 +102,7 @@ def test_gemv_equals_dequantize_then_matmul(lib, shape, dtype, quant_type, use_b
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_gemv_is_tight_against_float64(lib, dtype) -> None:
+def test_gemv_is_tight_against_float64(lib, cpu_path, dtype) -> None:
     """A 4096 x 4096 NF4 weight: the float32 accumulation is close to the exact float64 product (a
     much tighter bound than check_close's worst case), and equal to torch's float32 matmul within
     rounding."""
@@ -106,7 +117,7 @@ def test_gemv_is_tight_against_float64(lib, dtype) -> None:
                                atol=scale.item() * 2e-6)
 
 
-def test_threads_do_not_change_the_result(lib, monkeypatch) -> None:
+def test_threads_do_not_change_the_result(lib, cpu_path, monkeypatch) -> None:
     n_out, k_in, blocksize = 333, 1031, 64
     packed, absmax, _ = quantized_weight(n_out, k_in, blocksize, "nf4", torch.float32)
     A = torch.randn(k_in, generator=torch.Generator().manual_seed(2))
