@@ -44,6 +44,8 @@ def op_samples() -> list[tuple[str, tuple]]:
             ("dequantize_4bit_out", (packed, st4.absmax, 64, "fp4", torch.empty(37, 33, dtype=dtype))),
             ("gemv_4bit", (x.to(dtype), packed, st4.absmax, bias.to(dtype), 37, 33, 64, "fp4")),
             ("gemv_4bit", (x.to(dtype).reshape(33), packed, st4.absmax, None, 37, 33, 64, "fp4")),
+            ("gemv_4bit", (x.to(dtype).requires_grad_(), packed, st4.absmax, bias.to(dtype).requires_grad_(), 37, 33,
+                           64, "fp4")),
             ("adam_8bit_blockwise", _adam_args(dtype)),
         ]
     return samples
@@ -57,6 +59,29 @@ def test_opcheck(name: str, args: tuple) -> None:
 def test_every_op_is_registered() -> None:
     for name in OPS:
         assert isinstance(getattr(torch.ops.kbit, name), torch._ops.OpOverloadPacket)
+
+
+def test_gemv_gradients() -> None:
+    """kbit::gemv_4bit is differentiable in A and bias, as linear with the float32 dequantized weight."""
+    W = torch.randn(37, 33, generator=_gen(8))
+    packed, state = F.quantize_4bit(W, blocksize=32)
+    W32 = F.dequantize_4bit(packed, state)
+    x, bias = torch.randn(1, 33, generator=_gen(9), requires_grad=True), torch.randn(37, requires_grad=True)
+    grad_out = torch.randn(1, 37, generator=_gen(10))
+    F.gemv_4bit(x, packed, state, bias).backward(grad_out)
+    x2, bias2 = x.detach().clone().requires_grad_(), bias.detach().clone().requires_grad_()
+    torch.nn.functional.linear(x2, W32, bias2).backward(grad_out)
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(bias.grad, bias2.grad)
+
+
+def test_quantization_is_not_differentiable() -> None:
+    A = torch.randn(100, requires_grad=True)
+    packed, state = F.quantize_4bit(A, compress_statistics=True)
+    assert not state.absmax.requires_grad and not state.state2.absmax.requires_grad
+    assert not F.dequantize_4bit(packed, state).requires_grad
+    codes, state8 = F.quantize_blockwise(A, blocksize=64)
+    assert not state8.absmax.requires_grad and not F.dequantize_blockwise(codes, state8).requires_grad
 
 
 def test_import_kbit_does_not_import_torch(run_python) -> None:

@@ -13,7 +13,7 @@ sizes), since they can also be called directly as `torch.ops.kbit.<name>`.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Optional
+from typing import Any, Callable, Optional, TypeVar
 
 import torch
 
@@ -28,7 +28,38 @@ QUANT_TYPES_4BIT = ("fp4", "nf4")
 """The 4-bit quantization types; kbit.h's KBIT_QUANT_FP4 and KBIT_QUANT_NF4 are their indices."""
 OPTIM8_BLOCKSIZE = 256
 """kbit.h's KBIT_OPTIM8_BLOCKSIZE: one absmax per 256 values of each 8-bit optimizer state."""
-_DEVICE_TYPES = ("cpu", "cuda")
+_LIB = torch.library.Library("kbit", "DEF")  # the kbit namespace: defined once per process, kept for its lifetime
+_Fn = TypeVar("_Fn", bound=Callable[..., Any])
+
+
+def _define(schema: str, differentiable: bool = False) -> Callable[[_Fn], _Fn]:
+    """Define the operator kbit::<schema> with the decorated function as its CPU and CUDA kernel.
+    A non-differentiable operator's outputs never require grad (an Autograd fallthrough); a
+    differentiable one registers its backward with torch.library.register_autograd.
+
+    (torch.library.Library.define + impl rather than torch.library.custom_op: the same operator to
+    torch.compile and opcheck, at a fraction of custom_op's eager dispatch cost: ~10 vs ~35 us a call.)"""
+
+    def register(impl: _Fn) -> _Fn:
+        name = schema.split("(", 1)[0]
+        _LIB.define(schema)
+        for key in ("CPU", "CUDA"):
+            _LIB.impl(name, impl, key)
+        if not differentiable:
+            _LIB.impl(name, torch.library.fallthrough_kernel, "Autograd")
+        return impl
+
+    return register
+
+
+def _fake(name: str) -> Callable[[_Fn], _Fn]:
+    """Register the decorated function as kbit::<name>'s fake (shape and dtype only) implementation."""
+
+    def register(fn: _Fn) -> _Fn:
+        torch.library.register_fake(f"kbit::{name}", fn, lib=_LIB)
+        return fn
+
+    return register
 
 
 # --- calling native code ------------------------------------------------------------------------------
@@ -108,8 +139,7 @@ _FLOATS = tuple(DTYPE_CODES)
 # --- 8-bit blockwise ----------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("kbit::quantize_blockwise", mutates_args=(), device_types=_DEVICE_TYPES,
-                         schema="(Tensor A, Tensor code, int blocksize) -> (Tensor, Tensor)")
+@_define("quantize_blockwise(Tensor A, Tensor code, int blocksize) -> (Tensor, Tensor)")
 def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
     out = torch.empty(A.shape, dtype=torch.uint8, device=A.device)
     absmax = torch.empty(_blocks(A.numel(), _blocksize(blocksize, 64)), dtype=torch.float32, device=A.device)
@@ -121,7 +151,7 @@ def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int) -> t
     return out, absmax
 
 
-@quantize_blockwise.register_fake
+@_fake("quantize_blockwise")
 def _(A: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
     return (A.new_empty(A.shape, dtype=torch.uint8),
             A.new_empty(_blocks(A.numel(), blocksize), dtype=torch.float32))
@@ -138,9 +168,8 @@ def _dequantize_blockwise_into(codes: torch.Tensor, code: torch.Tensor, absmax: 
         _library(dev).dequantize_blockwise_8bit(*args, _stream(dev))
 
 
-@torch.library.custom_op(
-    "kbit::dequantize_blockwise", mutates_args=(), device_types=_DEVICE_TYPES,
-    schema="(Tensor codes, Tensor code, Tensor absmax, int blocksize, ScalarType dtype) -> Tensor")
+@_define("dequantize_blockwise(Tensor codes, Tensor code, Tensor absmax, int blocksize, ScalarType dtype) "
+         "-> Tensor")
 def dequantize_blockwise(codes: torch.Tensor, code: torch.Tensor, absmax: torch.Tensor, blocksize: int,
                          dtype: torch.dtype) -> torch.Tensor:
     out = torch.empty(codes.shape, dtype=dtype, device=codes.device)
@@ -148,21 +177,20 @@ def dequantize_blockwise(codes: torch.Tensor, code: torch.Tensor, absmax: torch.
     return out
 
 
-@dequantize_blockwise.register_fake
+@_fake("dequantize_blockwise")
 def _(codes: torch.Tensor, code: torch.Tensor, absmax: torch.Tensor, blocksize: int,
       dtype: torch.dtype) -> torch.Tensor:
     return codes.new_empty(codes.shape, dtype=dtype)
 
 
-@torch.library.custom_op(
-    "kbit::dequantize_blockwise_out", mutates_args=("out",), device_types=_DEVICE_TYPES,
-    schema="(Tensor codes, Tensor code, Tensor absmax, int blocksize, Tensor(a!) out) -> ()")
+@_define("dequantize_blockwise_out(Tensor codes, Tensor code, Tensor absmax, int blocksize, Tensor(a!) out) "
+         "-> ()")
 def dequantize_blockwise_out(codes: torch.Tensor, code: torch.Tensor, absmax: torch.Tensor, blocksize: int,
                              out: torch.Tensor) -> None:
     _dequantize_blockwise_into(codes, code, absmax, blocksize, out)
 
 
-@dequantize_blockwise_out.register_fake
+@_fake("dequantize_blockwise_out")
 def _(codes: torch.Tensor, code: torch.Tensor, absmax: torch.Tensor, blocksize: int, out: torch.Tensor) -> None:
     return None
 
@@ -170,8 +198,7 @@ def _(codes: torch.Tensor, code: torch.Tensor, absmax: torch.Tensor, blocksize: 
 # --- 4-bit NF4 / FP4 ----------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("kbit::quantize_4bit", mutates_args=(), device_types=_DEVICE_TYPES,
-                         schema="(Tensor A, int blocksize, str quant_type) -> (Tensor, Tensor)")
+@_define("quantize_4bit(Tensor A, int blocksize, str quant_type) -> (Tensor, Tensor)")
 def quantize_4bit(A: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
     n, dev = A.numel(), A.device
     packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=dev)
@@ -183,7 +210,7 @@ def quantize_4bit(A: torch.Tensor, blocksize: int, quant_type: str) -> tuple[tor
     return packed, absmax
 
 
-@quantize_4bit.register_fake
+@_fake("quantize_4bit")
 def _(A: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
     n = A.numel()
     return (A.new_empty(((n + 1) // 2, 1), dtype=torch.uint8),
@@ -201,9 +228,8 @@ def _dequantize_4bit_into(packed: torch.Tensor, absmax: torch.Tensor, blocksize:
         _library(dev).dequantize_4bit(*args, _stream(dev))
 
 
-@torch.library.custom_op(
-    "kbit::dequantize_4bit", mutates_args=(), device_types=_DEVICE_TYPES,
-    schema="(Tensor packed, Tensor absmax, int blocksize, str quant_type, SymInt[] shape, ScalarType dtype) -> Tensor")
+@_define("dequantize_4bit(Tensor packed, Tensor absmax, int blocksize, str quant_type, SymInt[] shape, "
+         "ScalarType dtype) -> Tensor")
 def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str,
                     shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
     out = torch.empty(tuple(shape), dtype=dtype, device=packed.device)
@@ -211,29 +237,25 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, 
     return out
 
 
-@dequantize_4bit.register_fake
+@_fake("dequantize_4bit")
 def _(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str, shape: Sequence[int],
       dtype: torch.dtype) -> torch.Tensor:
     return packed.new_empty(tuple(shape), dtype=dtype)
 
 
-@torch.library.custom_op(
-    "kbit::dequantize_4bit_out", mutates_args=("out",), device_types=_DEVICE_TYPES,
-    schema="(Tensor packed, Tensor absmax, int blocksize, str quant_type, Tensor(a!) out) -> ()")
+@_define("dequantize_4bit_out(Tensor packed, Tensor absmax, int blocksize, str quant_type, Tensor(a!) out) -> ()")
 def dequantize_4bit_out(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str,
                         out: torch.Tensor) -> None:
     _dequantize_4bit_into(packed, absmax, blocksize, quant_type, out)
 
 
-@dequantize_4bit_out.register_fake
+@_fake("dequantize_4bit_out")
 def _(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str, out: torch.Tensor) -> None:
     return None
 
 
-@torch.library.custom_op(
-    "kbit::gemv_4bit", mutates_args=(), device_types=_DEVICE_TYPES,
-    schema="(Tensor A, Tensor packed, Tensor absmax, Tensor? bias, SymInt n_out, SymInt k_in, int blocksize, "
-           "str quant_type) -> Tensor")
+@_define("gemv_4bit(Tensor A, Tensor packed, Tensor absmax, Tensor? bias, SymInt n_out, SymInt k_in, "
+         "int blocksize, str quant_type) -> Tensor", differentiable=True)
 def gemv_4bit(A: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, bias: Optional[torch.Tensor],
               n_out: int, k_in: int, blocksize: int, quant_type: str) -> torch.Tensor:
     """out = W' A (+ bias) for one row A of k_in values and the (n_out, k_in) weight W quantized flat."""
@@ -249,21 +271,41 @@ def gemv_4bit(A: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, bias:
     return out
 
 
-@gemv_4bit.register_fake
+@_fake("gemv_4bit")
 def _(A: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, bias: Optional[torch.Tensor], n_out: int,
       k_in: int, blocksize: int, quant_type: str) -> torch.Tensor:
     return A.new_empty((*A.shape[:-1], n_out))
 
 
+def _gemv_setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+    A, packed, absmax, bias, n_out, k_in, blocksize, quant_type = inputs
+    ctx.save_for_backward(packed, absmax)
+    ctx.shape, ctx.dtype, ctx.has_bias = A.shape, A.dtype, bias is not None
+    ctx.n_out, ctx.k_in, ctx.blocksize, ctx.quant_type = n_out, k_in, blocksize, quant_type
+
+
+def _gemv_backward(ctx: Any, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
+    """d out / d A = W' (the float32 dequantized weight), d out / d bias = 1; packed and absmax get none."""
+    packed, absmax = ctx.saved_tensors
+    grad_A = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        W = torch.ops.kbit.dequantize_4bit(packed, absmax, ctx.blocksize, ctx.quant_type, [ctx.n_out, ctx.k_in],
+                                           torch.float32)
+        grad_A = (grad.reshape(1, ctx.n_out).float() @ W).reshape(ctx.shape).to(ctx.dtype)
+    if ctx.has_bias and ctx.needs_input_grad[3]:
+        grad_bias = grad.reshape(ctx.n_out)
+    return grad_A, None, None, grad_bias, None, None, None, None
+
+
+torch.library.register_autograd("kbit::gemv_4bit", _gemv_backward, setup_context=_gemv_setup_context, lib=_LIB)
+
+
 # --- 8-bit Adam ---------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op(
-    "kbit::adam_8bit_blockwise", mutates_args=("p", "state1", "state2", "absmax1", "absmax2"),
-    device_types=_DEVICE_TYPES,
-    schema="(Tensor(a!) p, Tensor g, Tensor(b!) state1, Tensor(c!) state2, Tensor(d!) absmax1, Tensor(e!) absmax2, "
-           "Tensor qmap1, Tensor qmap2, float beta1, float beta2, float eps, float weight_decay, float lr, int step, "
-           "float gnorm_scale, bool decoupled) -> ()")
+@_define("adam_8bit_blockwise(Tensor(a!) p, Tensor g, Tensor(b!) state1, Tensor(c!) state2, Tensor(d!) absmax1, "
+         "Tensor(e!) absmax2, Tensor qmap1, Tensor qmap2, float beta1, float beta2, float eps, "
+         "float weight_decay, float lr, int step, float gnorm_scale, bool decoupled) -> ()")
 def adam_8bit_blockwise(p: torch.Tensor, g: torch.Tensor, state1: torch.Tensor, state2: torch.Tensor,
                         absmax1: torch.Tensor, absmax2: torch.Tensor, qmap1: torch.Tensor, qmap2: torch.Tensor,
                         beta1: float, beta2: float, eps: float, weight_decay: float, lr: float, step: int,
@@ -283,7 +325,7 @@ def adam_8bit_blockwise(p: torch.Tensor, g: torch.Tensor, state1: torch.Tensor, 
                                           step, gnorm_scale, decoupled, n, _stream(dev))
 
 
-@adam_8bit_blockwise.register_fake
+@_fake("adam_8bit_blockwise")
 def _(p: torch.Tensor, g: torch.Tensor, state1: torch.Tensor, state2: torch.Tensor, absmax1: torch.Tensor,
       absmax2: torch.Tensor, qmap1: torch.Tensor, qmap2: torch.Tensor, beta1: float, beta2: float, eps: float,
       weight_decay: float, lr: float, step: int, gnorm_scale: float, decoupled: bool) -> None:

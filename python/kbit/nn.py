@@ -42,8 +42,9 @@ class Linear4bit(nn.Module):
     device=None it keeps a float weight (nn.Linear's initialisation) until then; with device="meta"
     it allocates nothing, for load_state_dict to fill.
 
-    forward: a single row (x.numel() == in_features, no gradient needed for x) runs the 4-bit GEMV
-    kernel without materializing W; anything else dequantizes W and calls torch's linear. Inputs are
+    forward: a single row (x.numel() == in_features) runs the 4-bit GEMV kernel without
+    materializing W; anything else dequantizes W and calls torch's linear. Both are differentiable
+    in x and bias (the 4-bit weight itself is frozen). Inputs are
     cast to `compute_dtype` (default: x's dtype) and the result back to x's dtype.
     """
 
@@ -133,12 +134,8 @@ class Linear4bit(nn.Module):
         compute = self.compute_dtype or x.dtype
         inp = x.to(compute)
         bias = None if self.bias is None else self.bias.to(compute)
-        grad = torch.is_grad_enabled()
-        if x.numel() == self.in_features and compute in F._DTYPES and not (grad and x.requires_grad):
-            fused_bias = bias if bias is None or not (grad and bias.requires_grad) else None
-            out = F.gemv_4bit(inp.contiguous(), self.weight, state, fused_bias)
-            if bias is not None and fused_bias is None:
-                out = out + bias
+        if x.numel() == self.in_features and compute in F._DTYPES:  # differentiable in x and bias
+            out = F.gemv_4bit(inp.contiguous(), self.weight, state, None if bias is None else bias.contiguous())
         else:
             out = nn.functional.linear(inp, self.dequantized_weight().to(compute), bias)
         return out.to(x.dtype)
