@@ -337,6 +337,11 @@ def test_bad_arguments_return_their_status(lib) -> None:
                dict(decoupled=-1)]:
         assert call(**kw) == INVALID, kw
         assert call(n=0, **kw) == INVALID, kw  # hyperparameters are checked even for n == 0
+    # float32 constants that overflow: lr / (1 - beta1^step), 1 - lr * weight_decay (AdamW)
+    assert call(lr=3e38, beta1=0.9) == INVALID
+    assert call(lr=1e30, wd=1e30, decoupled=1) == INVALID
+    assert call(lr=1e30, wd=1e30, decoupled=1, n=0) == INVALID
+    assert call(lr=1e30, wd=1e30, decoupled=0) == OK  # Adam's L2 term: no such constant
     assert call(n=1 << 62) == TOO_LARGE
     assert call(beta1=0.0, beta2=0.0, eps=0.0, wd=0.0, lr=0.0, gnorm=0.0) == OK
 

@@ -102,8 +102,8 @@ inline bool float_in(float v, float lo, float hi, bool hi_open) {
 
 /* Checks of kbit_adam_8bit_blockwise: hyperparameters first (so bad ones are reported even for
  * n == 0), then the pointers, then the size. beta1, beta2 in [0, 1); eps, weight_decay, lr,
- * gnorm_scale finite and >= 0; step >= 1; decoupled_weight_decay 0 or 1; AdamW's decay factor
- * 1 - lr * weight_decay must be finite. */
+ * gnorm_scale finite and >= 0; step >= 1; decoupled_weight_decay 0 or 1. (The entry points also
+ * refuse steps whose float32 constants overflow: kbit_adam_params_finite.) */
 inline int check_adam8(int dtype, const void* p, const void* g, const void* state1, const void* state2,
                        const void* absmax1, const void* absmax2, const void* qmap1, const void* qmap2, float beta1,
                        float beta2, float eps, float weight_decay, float lr, int32_t step, float gnorm_scale,

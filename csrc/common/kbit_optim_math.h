@@ -50,6 +50,14 @@ static inline KbitAdamParams kbit_adam_params(float beta1, float beta2, float ep
   return q;
 }
 
+/* Host only: whether a step's constants are finite (huge lr or weight_decay can overflow float32 in
+ * lr / (1 - beta1^step) or 1 - lr * weight_decay); a caller refuses the step otherwise. */
+static inline int kbit_adam_params_finite(const KbitAdamParams* q) {
+  const float big = 3.4028234663852886e38f; /* FLT_MAX */
+  return fabsf(q->step_size) <= big && fabsf(q->decay) <= big && fabsf(q->bias2_sqrt) <= big &&
+         q->bias2_sqrt > 0.0f;
+}
+
 /* One value's step in two halves around sqrt(v), so a CPU kernel can take the square roots of a
  * whole buffer at once (an IEEE sqrt, correctly rounded like sqrtf: the same values either way).
  * First half: the gradient's scaling and weight decay, AdamW's decay of p, and the new moments. */

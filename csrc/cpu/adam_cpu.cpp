@@ -215,7 +215,10 @@ extern "C" KBIT_API int kbit_adam_8bit_blockwise(int dtype, void* p, const void*
   (void)stream;
   int status = check_adam8(dtype, p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, beta1, beta2, eps,
                            weight_decay, lr, step, gnorm_scale, decoupled_weight_decay, n);
-  if (status != KBIT_OK || n == 0) return status;
+  if (status != KBIT_OK) return status;
+  KbitAdamParams q = kbit_adam_params(beta1, beta2, eps, weight_decay, lr, step, gnorm_scale, decoupled_weight_decay);
+  if (!kbit_adam_params_finite(&q)) return KBIT_ERR_INVALID_ARGUMENT;
+  if (n == 0) return KBIT_OK;
   AdamJob* job = static_cast<AdamJob*>(malloc(sizeof(AdamJob)));
   if (job == NULL) return KBIT_ERR_INTERNAL;
   job->p = p;
@@ -225,7 +228,7 @@ extern "C" KBIT_API int kbit_adam_8bit_blockwise(int dtype, void* p, const void*
   job->absmax1 = absmax1;
   job->absmax2 = absmax2;
   job->n = n;
-  job->q = kbit_adam_params(beta1, beta2, eps, weight_decay, lr, step, gnorm_scale, decoupled_weight_decay);
+  job->q = q;
   memcpy(job->qmap1, qmap1, sizeof job->qmap1);
   memcpy(job->qmap2, qmap2, sizeof job->qmap2);
   SearchCache* caches = NULL;
