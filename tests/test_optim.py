@@ -103,6 +103,21 @@ def test_state_dict_round_trip() -> None:
         assert torch.equal(p, q)
 
 
+def test_deepcopy_and_param_groups() -> None:
+    import copy
+
+    model = _model()
+    opt = ko.Adam8bit([{"params": model[0].parameters(), "min_8bit_size": 10**9},
+                       {"params": model[2].parameters(), "lr": 1e-2}], lr=1e-3)
+    nn.functional.mse_loss(model(X), Y).backward()
+    opt.step()
+    assert "exp_avg" in opt.state[model[0].weight] and "state1" in opt.state[model[2].weight]
+    clone = copy.deepcopy(opt)
+    assert clone.param_groups[0]["min_8bit_size"] == 10**9 and clone.param_groups[1]["min_8bit_size"] == 4096
+    assert clone.param_groups[1]["lr"] == 1e-2
+    clone.step()
+
+
 def test_bfloat16_state_dict_keeps_dtypes() -> None:
     model, opt, losses = _train(ko.Adam8bit, steps=30, model=_model(dtype=torch.bfloat16), lr=1e-3)
     assert model[0].weight.dtype == torch.bfloat16 and losses[-1] < losses[0]

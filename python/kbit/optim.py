@@ -1,6 +1,6 @@
 """8-bit Adam and AdamW: drop-in torch.optim optimizers whose two moments take one byte per value.
 
-For a parameter of at least `min_8bit_size` elements (float32, float16 or bfloat16, on CPU or CUDA),
+For a parameter of at least `min_8bit_size` elements (a group setting; float32, float16 or bfloat16, on CPU or CUDA),
 the first moment is stored as uint8 codes of the signed dynamic map and the second as codes of the
 unsigned one, each with one float32 absmax per 256 values (bitsandbytes' blockwise 8-bit optimizer
 layout); one native kernel (kbit.h: kbit_adam_8bit_blockwise, torch op kbit::adam_8bit_blockwise)
@@ -48,16 +48,18 @@ class _Adam8bitBase(torch.optim.Optimizer):
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, min_8bit_size: int = 4096) -> None:
         _check_hyper(lr, betas, eps, weight_decay, min_8bit_size)
-        self.min_8bit_size = min_8bit_size
-        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
+        # min_8bit_size is a group setting, so that it travels with state_dict() and pickling.
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay,
+                                  "min_8bit_size": min_8bit_size})
 
-    def _uses_8bit(self, p: torch.Tensor) -> bool:
-        return (p.numel() >= self.min_8bit_size and p.dtype in _ops.DTYPE_CODES
+    @staticmethod
+    def _uses_8bit(p: torch.Tensor, group: dict[str, Any]) -> bool:
+        return (p.numel() >= group["min_8bit_size"] and p.dtype in _ops.DTYPE_CODES
                 and p.device.type in ("cpu", "cuda"))
 
-    def _init_state(self, p: torch.Tensor, state: dict[str, Any]) -> None:
+    def _init_state(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         state["step"] = 0
-        if self._uses_8bit(p):
+        if self._uses_8bit(p, group):
             blocks = (p.numel() + _ops.OPTIM8_BLOCKSIZE - 1) // _ops.OPTIM8_BLOCKSIZE
             for name in ("state1", "state2"):
                 state[name] = torch.zeros(p.shape, dtype=torch.uint8, device=p.device)
@@ -84,7 +86,7 @@ class _Adam8bitBase(torch.optim.Optimizer):
                     raise TypeError(f"{type(self).__name__} does not support sparse gradients")
                 state = self.state[p]
                 if not state:
-                    self._init_state(p, state)
+                    self._init_state(p, state, group)
                 state["step"] += 1
                 if "state1" in state:
                     self._step_8bit(p, state, group)
