@@ -2,9 +2,9 @@
 
 For a parameter of at least `min_8bit_size` elements (a param-group setting; float32, float16 or
 bfloat16, on CPU or CUDA), the first moment is stored as uint8 codes of the signed dynamic map and
-the second as codes of the unsigned one, each with one float32 absmax per 256 values (bitsandbytes' blockwise 8-bit optimizer
-layout); one native kernel (kbit.h: kbit_adam_8bit_blockwise, torch op kbit::adam_8bit_blockwise)
-updates moments and parameter in place. Smaller parameters keep float32 moments and take a plain
+the second as codes of the unsigned one, each with one float32 absmax per 256 values (bitsandbytes'
+blockwise 8-bit optimizer layout); one native kernel (kbit.h: kbit_adam_8bit_blockwise, torch op
+kbit::adam_8bit_blockwise) updates moments and parameter in place. Smaller parameters keep float32 moments and take a plain
 Adam step in torch. State: "step" (int) and "state1", "state2", "absmax1", "absmax2" (8-bit) or
 "exp_avg", "exp_avg_sq" (float32); state_dict() / load_state_dict() keep these dtypes.
 
