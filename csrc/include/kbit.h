@@ -166,8 +166,9 @@ KBIT_API int kbit_gemv_4bit(int dtype, int quant_type, const void* A, const uint
  * from the next step on every parameter of that block, as in torch.optim.Adam; skipping such steps
  * is the caller's choice. All states must start zeroed. The qmaps must be sorted ascending.
  * KBIT_ERR_INVALID_ARGUMENT (even for n = 0): beta1 or beta2 outside [0, 1), eps, weight_decay, lr
- * or gnorm_scale negative or not finite, step < 1, decoupled_weight_decay not 0 or 1; for n > 0 a
- * NULL pointer.
+ * or gnorm_scale negative or not finite, step < 1, decoupled_weight_decay not 0 or 1, a float32
+ * constant of the step that overflows (lr / (1 - beta1^step), AdamW's 1 - lr * weight_decay); for
+ * n > 0 a NULL pointer.
  */
 KBIT_API int kbit_adam_8bit_blockwise(int dtype, void* p, const void* g, uint8_t* state1, uint8_t* state2,
                                       float* absmax1, float* absmax2, const float* qmap1, const float* qmap2,
