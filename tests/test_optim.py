@@ -167,18 +167,41 @@ def test_dynamic_maps() -> None:
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    ({"lr": -1.0}, "lr must be a finite number >= 0"),
-    ({"lr": float("nan")}, "lr must be a finite number >= 0"),
+    ({"lr": -1.0}, "lr must be a number >= 0 that is finite in float32"),
+    ({"lr": float("nan")}, "lr must be a number >= 0 that is finite in float32"),
+    ({"lr": 1e39}, "lr must be a number >= 0 that is finite in float32"),
     ({"betas": (0.9, 1.0)}, "betas must be two numbers in [0, 1)"),
+    ({"betas": (0.9, 1 - 1e-9)}, "betas must be two numbers in [0, 1) (below 1 in float32)"),
     ({"betas": 0.9}, "betas must be two numbers in [0, 1)"),
-    ({"eps": -1e-8}, "eps must be a finite number >= 0"),
-    ({"weight_decay": -0.1}, "weight_decay must be a finite number >= 0"),
+    ({"eps": -1e-8}, "eps must be a number >= 0 that is finite in float32"),
+    ({"weight_decay": -0.1}, "weight_decay must be a number >= 0 that is finite in float32"),
     ({"min_8bit_size": 0}, "min_8bit_size must be a positive int"),
 ])
 def test_bad_hyperparameters(kwargs, message: str) -> None:
     with pytest.raises(ValueError) as info:
         ko.Adam8bit([nn.Parameter(torch.ones(3))], **kwargs)
     assert message in str(info.value)
+
+
+def test_step_constants_that_overflow_are_refused_before_the_kernel(monkeypatch) -> None:
+    p = nn.Parameter(torch.ones(5000))
+    p.grad = torch.ones(5000)
+    opt = ko.AdamW8bit([p], lr=1e30, weight_decay=1e10)  # 1 - lr * weight_decay overflows float32
+
+    def refuse(device):
+        raise AssertionError("reached native code")
+
+    from kbit import _ops
+
+    monkeypatch.setattr(_ops, "_library", refuse)
+    with pytest.raises(ValueError, match="overflow float32 in this step's constants"):
+        opt.step()
+    opt = ko.Adam8bit([p], lr=1e35, betas=(0.9999, 0.999))  # lr / (1 - 0.9999) > FLT_MAX
+    with pytest.raises(ValueError, match="overflow float32"):
+        opt.step()
+    opt.param_groups[0]["lr"] = -1.0  # a scheduler gone wrong
+    with pytest.raises(ValueError, match="lr must be a number >= 0"):
+        opt.step()
 
 
 def test_sparse_gradient_is_refused() -> None:

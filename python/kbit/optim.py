@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import struct
 from collections.abc import Iterable
 from typing import Any, Callable, Optional
 
@@ -27,19 +28,43 @@ from . import functional as F
 __all__ = ["Adam8bit", "AdamW8bit"]
 
 
-def _check_hyper(lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
-                 min_8bit_size: int) -> None:
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
-        raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
+_FLT_MAX = 3.4028234663852886e38
+
+
+def _f32(x: float) -> float:
+    """x rounded to float32, as the kernel receives it (inf when out of float32's range)."""
+    try:
+        return float(struct.unpack("f", struct.pack("f", x))[0])
+    except OverflowError:
+        return math.copysign(math.inf, x)
+
+
+def _number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _check_hyper(lr: Any, betas: Any, eps: Any, weight_decay: Any, min_8bit_size: Any) -> None:
+    """Each value as the kernel checks it, in float32 (e.g. a beta that rounds to 1.0 is refused)."""
+    for name, value in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
+        if not (_number(value) and math.isfinite(_f32(value)) and value >= 0):
+            raise ValueError(f"{name} must be a number >= 0 that is finite in float32, got {value!r}")
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2
-            and all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas)):
-        raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
-    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
-    if not (isinstance(weight_decay, (int, float)) and math.isfinite(weight_decay) and weight_decay >= 0):
-        raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
+            and all(_number(b) and 0.0 <= b and _f32(b) < 1.0 for b in betas)):
+        raise ValueError(f"betas must be two numbers in [0, 1) (below 1 in float32), got {betas!r}")
     if isinstance(min_8bit_size, bool) or not isinstance(min_8bit_size, int) or min_8bit_size < 1:
         raise ValueError(f"min_8bit_size must be a positive int, got {min_8bit_size!r}")
+
+
+def _check_step(group: dict[str, Any], step: int, decoupled: bool) -> None:
+    """The group's settings (a scheduler may have changed them) and the step's float32 constants,
+    lr / (1 - beta1^step) and AdamW's 1 - lr * weight_decay, which the kernel refuses when they overflow."""
+    _check_hyper(group["lr"], group["betas"], group["eps"], group["weight_decay"], group["min_8bit_size"])
+    lr, wd, beta1 = _f32(group["lr"]), _f32(group["weight_decay"]), _f32(group["betas"][0])
+    step_size = lr / (1.0 - beta1**step)
+    decay = 1.0 - lr * wd if decoupled else 1.0
+    if abs(step_size) > _FLT_MAX or abs(decay) > _FLT_MAX:
+        raise ValueError(f"lr={group['lr']!r} with weight_decay={group['weight_decay']!r} and betas={group['betas']!r} "
+                         "overflow float32 in this step's constants: use a smaller lr or weight_decay")
 
 
 class _Adam8bitBase(torch.optim.Optimizer):
@@ -95,6 +120,7 @@ class _Adam8bitBase(torch.optim.Optimizer):
         return loss
 
     def _step_8bit(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        _check_step(group, state["step"], self._decoupled)
         beta1, beta2 = group["betas"]
         work = p.detach() if p.is_contiguous() else p.detach().contiguous()
         grad = p.grad.detach().to(p.dtype).contiguous()  # type: ignore[union-attr]
