@@ -91,8 +91,11 @@ def ccache_args(enabled: bool = True) -> list[str]:
 
 def ccache_env(ccache_dir: str | Path, base_dir: str | Path) -> dict[str, str]:
     """ccache's settings: its directory, and paths under `base_dir` hashed as relative ones, so two build
-    directories of the same source share hits (the objects carry no absolute path: -ffile-prefix-map)."""
-    return {"CCACHE_DIR": str(ccache_dir), "CCACHE_BASEDIR": str(base_dir), "CCACHE_MAXSIZE": "2G"}
+    directories of the same source share hits (the objects carry no absolute path: -ffile-prefix-map).
+    The compiler is identified by its content, not its mtime: a rebuilt image (pip-installed nvcc gets a
+    new mtime) keeps its hits, a changed toolkit does not."""
+    return {"CCACHE_DIR": str(ccache_dir), "CCACHE_BASEDIR": str(base_dir), "CCACHE_MAXSIZE": "2G",
+            "CCACHE_COMPILERCHECK": "content"}
 
 
 def c_compiler_for(gxx: str) -> str:
@@ -284,7 +287,7 @@ def _build_in_container(row: Row, repo: Path, jobs: int, revision: str, zig: Zig
     zig_cache = cache_dir(os.environ, repo) / "zig"
     zig_cache.mkdir(parents=True, exist_ok=True)
     args = cmake_args(row, revision=revision, host_compiler=gxx, extra=[
-        *zig_cmake_args(f"{ZIG_MOUNT}/ziglang/zig", ZIG_CACHE_MOUNT), *ccache_args()])
+        *zig_cmake_args(f"{ZIG_MOUNT}/ziglang/zig", ZIG_CACHE_MOUNT)])
     _prepare_build_dir(build, row, args)
     user = None if os.getuid() == 0 else f"{os.getuid()}:{os.getgid()}"
     cmd = containers.compile_command(

@@ -221,8 +221,11 @@ def compile_command(
     `mounts` adds (host path, container path, writable) folders: the linker and the compiler cache.
     No network: the image has everything.
     """
+    # ccache where the image has it (every current image does; an older one still builds, uncached).
+    launchers = " ".join(f"-DCMAKE_{lang}_COMPILER_LAUNCHER=$launcher" for lang in ("C", "CXX", "CUDA"))
     script = (
-        'cmake -S /src -B /build -G Ninja "$@" && '
+        "launcher=$(command -v ccache || true); "
+        f'cmake -S /src -B /build -G Ninja "$@" {launchers} && '
         f"cmake --build /build -j{jobs}"
     )
     argv = engine.cmd("run", "--rm", *engine.run_flags, "--network", "none")
