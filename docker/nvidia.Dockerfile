@@ -8,7 +8,7 @@ ENV DEBIAN_FRONTEND=noninteractive LANG=C.UTF-8
 
 RUN set -eu; \
     apt-get update -q; \
-    apt-get install -y -q --no-install-recommends cmake ninja-build; \
+    apt-get install -y -q --no-install-recommends cmake ninja-build ccache; \
     rm -rf /var/lib/apt/lists/*; \
     nvcc --version
 

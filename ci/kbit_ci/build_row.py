@@ -4,7 +4,10 @@
     available_rows(rows, mode)  -> [(row, None | why not)]
 
 Build directories persist at <repo>/build/cuda/<row.id>/ (containers) and <repo>/build/cuda/<row.id>-host/
-(host toolkits; CMake caches must not mix compilers), so a rebuild with no changes is a no-op.
+(host toolkits; CMake caches must not mix compilers), so a rebuild with no changes is a no-op; each has a
+ccache directory of the same name under <cache>/ccache/, so a rebuild in a fresh build directory, or after
+a touched source, compiles nothing that was compiled before. Every library is linked by the hash-locked
+zig (kbit_ci.portable): the same file on the host and, mounted read-only, in every container.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from typing import Literal
 from . import REPO, containers, proc
 from .errors import BuildError, CommandError, ToolkitUnavailable
 from .matrix import Row
-from .toolkits import find_host_compiler, find_toolkit, parse_nvcc_version, system_toolkit
+from .portable import POLICY, Zig, ensure_zig, zig_cmake_args
+from .toolkits import cache_dir, find_host_compiler, find_toolkit, parse_nvcc_version, system_toolkit
 
 __all__ = [
     "BuiltLibrary",
@@ -29,9 +33,12 @@ __all__ = [
     "build_dir",
     "build_row",
     "c_compiler_for",
+    "ccache_args",
+    "ccache_env",
     "cmake_args",
     "git_revision",
     "resolve_mode",
+    "source_date_epoch",
 ]
 
 Mode = Literal["auto", "container", "host"]
@@ -47,6 +54,7 @@ class BuiltLibrary:
     compiler: str  # "Cuda compilation tools, release 12.4, V12.4.131"
     host_compiler: str  # "g++-13 13.3.0"
     seconds: float
+    linker: str = ""  # "zig 0.17.0 (x86_64-linux-gnu.2.28)"
 
 
 # ---------------------------------------------------------------- pure decisions
@@ -67,6 +75,27 @@ def cmake_args(row: Row, *, revision: str, host_compiler: str, extra: Sequence[s
         f"-DCMAKE_C_COMPILER={c_compiler_for(host_compiler)}",
         *extra,
     ]
+
+
+# Where the host's zig, its cache and the row's ccache directory appear inside a build container.
+ZIG_MOUNT = "/opt/kbit/zig"
+ZIG_CACHE_MOUNT = "/opt/kbit/zig-cache"
+CCACHE_MOUNT = "/opt/kbit/ccache"
+
+
+def ccache_args(enabled: bool = True) -> list[str]:
+    """Compile through ccache (nvcc included: ccache knows its options); disabled, the launchers are
+    cleared, so a build dir configured while ccache was installed keeps working without it."""
+    return [f"-DCMAKE_{lang}_COMPILER_LAUNCHER={'ccache' if enabled else ''}" for lang in ("C", "CXX", "CUDA")]
+
+
+def ccache_env(ccache_dir: str | Path, base_dir: str | Path) -> dict[str, str]:
+    """ccache's settings: its directory, and paths under `base_dir` hashed as relative ones, so two build
+    directories of the same source share hits (the objects carry no absolute path: -ffile-prefix-map).
+    The compiler is identified by its content, not its mtime: a rebuilt image (pip-installed nvcc gets a
+    new mtime) keeps its hits, a changed toolkit does not."""
+    return {"CCACHE_DIR": str(ccache_dir), "CCACHE_BASEDIR": str(base_dir), "CCACHE_MAXSIZE": "2G",
+            "CCACHE_COMPILERCHECK": "content"}
 
 
 def c_compiler_for(gxx: str) -> str:
@@ -153,6 +182,17 @@ def git_revision(repo: Path) -> str:
     return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
+def source_date_epoch(repo: Path) -> str:
+    """SOURCE_DATE_EPOCH for reproducible builds: the environment's, else HEAD's commit time, else 0."""
+    if os.environ.get("SOURCE_DATE_EPOCH"):
+        return os.environ["SOURCE_DATE_EPOCH"]
+    try:
+        out = proc.run(["git", "log", "-1", "--format=%ct", "HEAD"], cwd=repo, capture=True, quiet=True)
+    except CommandError:
+        return "0"
+    return out.stdout.strip() or "0"
+
+
 def _cached_value(cache_text: str, name: str) -> str | None:
     for line in cache_text.splitlines():
         key, sep, value = line.partition("=")
@@ -219,7 +259,13 @@ fi
 """
 
 
-def _build_in_container(row: Row, repo: Path, jobs: int, revision: str) -> BuiltLibrary:
+def _ccache_dir(repo: Path, build: Path) -> Path:
+    path = cache_dir(os.environ, repo) / "ccache" / build.name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _build_in_container(row: Row, repo: Path, jobs: int, revision: str, zig: Zig) -> BuiltLibrary:
     engine, why = containers.detect_engine()
     if engine is None:
         raise ToolkitUnavailable(f"no container engine works: {why}")
@@ -238,34 +284,45 @@ def _build_in_container(row: Row, repo: Path, jobs: int, revision: str) -> Built
     kind = container_kind(row)
     version = fields.get("pkg") or nvcc_full
     build = build_dir(repo, row, "container")
-    args = cmake_args(row, revision=revision, host_compiler=gxx)
+    zig_cache = cache_dir(os.environ, repo) / "zig"
+    zig_cache.mkdir(parents=True, exist_ok=True)
+    args = cmake_args(row, revision=revision, host_compiler=gxx, extra=[
+        *zig_cmake_args(f"{ZIG_MOUNT}/ziglang/zig", ZIG_CACHE_MOUNT)])
     _prepare_build_dir(build, row, args)
     user = None if os.getuid() == 0 else f"{os.getuid()}:{os.getgid()}"
-    cmd = containers.compile_command(engine, image, src=repo, build=build, jobs=jobs, user=user, cmake_args=args)
+    cmd = containers.compile_command(
+        engine, image, src=repo, build=build, jobs=jobs, user=user, cmake_args=args,
+        mounts=[(zig.root, ZIG_MOUNT, False), (zig_cache, ZIG_CACHE_MOUNT, True),
+                (_ccache_dir(repo, build), CCACHE_MOUNT, True)],
+        env={**ccache_env(CCACHE_MOUNT, "/src"), "SOURCE_DATE_EPOCH": source_date_epoch(repo)},
+    )
     with proc.step(f"compile CUDA {row.cuda} in {image}"):
         proc.run(cmd)
     return BuiltLibrary(
         path=_library(row, build, revision), row=row, toolkit_source=f"container:{kind}", toolkit_version=version,
         image=image, compiler=nvcc_line, host_compiler=f"{gxx} {fields.get('gxx', '?')}",
-        seconds=time.monotonic() - t0,
+        seconds=time.monotonic() - t0, linker=zig.describe(POLICY),
     )
 
 
-def _build_on_host(row: Row, repo: Path, jobs: int, revision: str) -> BuiltLibrary:
+def _build_on_host(row: Row, repo: Path, jobs: int, revision: str, zig: Zig) -> BuiltLibrary:
     t0 = time.monotonic()
     tk = find_toolkit(row)
     build = build_dir(repo, row, "host")
     generator = ["-G", "Ninja"] if shutil.which("ninja") else []
+    launcher = ccache_args(shutil.which("ccache") is not None)
     args = cmake_args(row, revision=revision, host_compiler=tk.host_compiler.path,
-                      extra=[f"-DCMAKE_CUDA_COMPILER={tk.nvcc}", *tk.cmake_args])
+                      extra=[f"-DCMAKE_CUDA_COMPILER={tk.nvcc}", *tk.cmake_args,
+                             *zig_cmake_args(zig.exe, cache_dir(os.environ, repo) / "zig"), *launcher])
     _prepare_build_dir(build, row, args)
+    env = {**tk.env, **ccache_env(_ccache_dir(repo, build), repo), "SOURCE_DATE_EPOCH": source_date_epoch(repo)}
     with proc.step(f"compile CUDA {row.cuda} with {tk.source} toolkit {tk.version}"):
-        proc.run(["cmake", "-S", repo, "-B", build, *generator, *args], env=dict(tk.env))
-        proc.run(["cmake", "--build", build, f"-j{jobs}"], env=dict(tk.env))
+        proc.run(["cmake", "-S", repo, "-B", build, *generator, *args], env=env)
+        proc.run(["cmake", "--build", build, f"-j{jobs}"], env=env)
     return BuiltLibrary(
         path=_library(row, build, revision), row=row, toolkit_source=f"host:{tk.source}", toolkit_version=tk.version,
         image=None, compiler=tk.nvcc_version, host_compiler=str(tk.host_compiler),
-        seconds=time.monotonic() - t0,
+        seconds=time.monotonic() - t0, linker=zig.describe(POLICY),
     )
 
 
@@ -275,10 +332,11 @@ def build_row(
     """Build the row's libkbit_cudaXY.so; raises ToolkitUnavailable, BuildError or CommandError."""
     resolved = resolve_mode(mode)
     revision = revision or git_revision(repo)
+    zig = ensure_zig(cache_dir(os.environ, repo))
     if resolved == "container":
-        built = _build_in_container(row, repo, jobs, revision)
+        built = _build_in_container(row, repo, jobs, revision, zig)
     else:
-        built = _build_on_host(row, repo, jobs, revision)
+        built = _build_on_host(row, repo, jobs, revision, zig)
     proc.log(f"CUDA {row.cuda}: {built.path} ({built.toolkit_source} {built.toolkit_version}, "
              f"{built.host_compiler}, {built.seconds:.1f} s)")
     return built

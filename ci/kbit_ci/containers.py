@@ -177,7 +177,10 @@ def image_build_args(row: Row) -> dict[str, str]:
     if row.dockerfile.endswith("pypi.Dockerfile"):
         if row.pypi is None:
             raise ToolkitUnavailable(f"CUDA {row.cuda}: {row.dockerfile} needs a [row.pypi] table")
-        return {"BASE": row.pypi.base_image, "REQUIREMENTS": " ".join(row.pypi.requirements())}
+        from .toolkits import pypi_lock
+
+        return {"BASE": row.pypi.base_image, "REQUIREMENTS": " ".join(row.pypi.requirements()),
+                "LOCK_SHA256": hashlib.sha256(pypi_lock(row).read_bytes()).hexdigest()}
     if row.dockerfile.endswith("nvidia.Dockerfile"):
         if not row.nvidia_image:
             raise ToolkitUnavailable(f"CUDA {row.cuda}: {row.dockerfile} needs nvidia_image")
@@ -209,22 +212,34 @@ def compile_command(
     cmake_args: Sequence[str],
     jobs: int,
     user: str | None,
+    mounts: Sequence[tuple[Path, str, bool]] = (),
+    env: Mapping[str, str] | None = None,
 ) -> list[str]:
     """The `podman run` line that configures and builds the CUDA library of one row.
 
     The source is mounted read-only; the build directory persists on the host between builds.
+    `mounts` adds (host path, container path, writable) folders: the linker and the compiler cache.
     No network: the image has everything.
     """
+    # ccache where the image has it (every current image does; an older one still builds, uncached).
+    launchers = " ".join(f"-DCMAKE_{lang}_COMPILER_LAUNCHER=$launcher" for lang in ("C", "CXX", "CUDA"))
     script = (
-        'cmake -S /src -B /build -G Ninja "$@" && '
+        "launcher=$(command -v ccache || true); "
+        f'cmake -S /src -B /build -G Ninja "$@" {launchers} && '
         f"cmake --build /build -j{jobs}"
     )
     argv = engine.cmd("run", "--rm", *engine.run_flags, "--network", "none")
     if user:
         argv += ["--user", user, "-e", "HOME=/tmp"]
+    for name, value in sorted((env or {}).items()):
+        argv += ["-e", f"{name}={value}"]
     argv += [
         "-v", f"{src}:/src:ro",
         "-v", f"{build}:/build",
+    ]
+    for host, inside, writable in mounts:
+        argv += ["-v", f"{host}:{inside}" + ("" if writable else ":ro")]
+    argv += [
         "-w", "/build",
         image,
         "bash", "-c", script, "kbit-build", *cmake_args,
@@ -410,22 +425,26 @@ def ensure_row_image(engine: Engine, row: Row, repo: Path) -> str:
 
 
 def _build_context(row: Row, repo: Path) -> Path:
-    """docker/ (the images need no project files), or for PyPI rows a folder holding the pinned wheels.
+    """docker/ (the images need no project files), or for PyPI rows a folder holding the pinned wheels
+    and their hash lock (ci/requirements/cudaXY.txt, as requirements.txt).
 
     The wheels are downloaded on the host, whose pip is configured for this network (index, proxy,
-    CA bundle), and installed in the image with --no-index: the image build needs no PyPI access.
+    CA bundle), each checked against the lock's sha256 (--require-hashes), and installed in the image
+    with --no-index, checked against the same lock again: the image build needs no PyPI access.
     """
     if row.pypi is None:
         return (repo / row.dockerfile).parent
-    from .toolkits import cache_dir
+    from .toolkits import cache_dir, pypi_lock
 
+    lock = pypi_lock(row, repo)
     ctx = cache_dir(os.environ, repo) / "images" / row.id
     wheels = ctx / "wheels"
     shutil.rmtree(wheels, ignore_errors=True)
     wheels.mkdir(parents=True)
+    shutil.copyfile(lock, ctx / "requirements.txt")
     with proc.step(f"wheels for {row.image}"):
         proc.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
-                  "-d", wheels, *row.pypi.requirements()])
+                  "--require-hashes", "-d", wheels, "-r", lock])
     return ctx
 
 

@@ -4,9 +4,12 @@ The first provider that hits wins; each miss is recorded with its reason, and wh
 misses, ToolkitUnavailable lists them all. Order:
 
   system  an installed CUDA of exactly the row's version (CUDA_HOME, CUDA_PATH, nvcc on PATH, /usr/local/cuda)
-  pypi    NVIDIA's 13.x wheels, pip-installed into a cached venv <cache>/toolkits/pypi-cuXY/
+  pypi    NVIDIA's 13.x wheels, pip-installed into a cached venv <cache>/toolkits/pypi-cuXY/ from the
+          row's hash lock ci/requirements/cudaXY.txt (pip --require-hashes: each file checked by sha256)
   debian  Debian's non-free packages, fetched with apt-get download under a private apt configuration
-          and unpacked into <cache>/toolkits/debian-cuXY/ (nothing on the system changes)
+          and unpacked into <cache>/toolkits/debian-cuXY/ (nothing on the system changes); apt checks
+          the archive's signed Release files against Debian's keyring (signed-by) and each package's
+          hash against them, and the pins fix each package's exact version
 
 The host compiler is picked from the row's gcc bounds: the newest g++-N (or g++) on PATH within them.
 """
@@ -40,6 +43,7 @@ __all__ = [
     "find_toolkit",
     "parse_nvcc_version",
     "pick_host_compiler",
+    "pypi_lock",
     "pypi_toolkit",
     "relocated_nvcc_profile",
     "system_toolkit",
@@ -225,19 +229,43 @@ def _stamp_ok(stamp: Path, want: dict) -> bool:
         return False
 
 
+def pypi_lock(row: Row, repo: Path = REPO) -> Path:
+    """The row's hash lock, ci/requirements/cudaXY.txt, checked against the row's pins.
+
+    The matrix says which versions; the lock adds each file's sha256, which pip enforces. A lock that
+    disagrees with the matrix (a pin bumped in one place only) is an error, not a silent choice."""
+    from .portable import locked_requirements
+
+    if row.pypi is None:
+        raise ToolkitUnavailable(f"CUDA {row.cuda}: the row has no [row.pypi] pins")
+    lock = repo / "ci" / "requirements" / f"cuda{row.tag}.txt"
+    if not lock.is_file():
+        raise ToolkitUnavailable(f"CUDA {row.cuda}: no hash lock {lock} for its PyPI pins")
+    locked = locked_requirements(lock)
+    pinned = {name.lower(): version for name, version in row.pypi.packages.items()}
+    if locked != pinned:
+        raise ToolkitUnavailable(f"CUDA {row.cuda}: {lock.name} locks {locked}, ci/matrix.toml pins {pinned}: "
+                                 "update the lock (pip download the files, sha256 each)")
+    return lock
+
+
 def pypi_toolkit(row: Row, cache: Path, env: Mapping[str, str]) -> Toolkit | None:
     """NVIDIA's PyPI wheels (13.x only: the cu11/cu12 wheels carry no nvcc) in a cached venv."""
     if row.pypi is None:
         raise Miss("the row has no [row.pypi] pins")
+    try:
+        lock = pypi_lock(row)
+    except ToolkitUnavailable as e:
+        raise Miss(str(e)) from None
     venv = cache / "toolkits" / f"pypi-{row.id}"
     stamp = venv / "kbit-toolkit.json"
-    want = {"requirements": row.pypi.requirements()}
+    want = {"requirements": row.pypi.requirements(), "lock": lock.read_text()}
     if not _stamp_ok(stamp, want):
         with proc.step(f"CUDA {row.cuda} from PyPI into {venv}"):
             shutil.rmtree(venv, ignore_errors=True)
             proc.run([sys.executable, "-m", "venv", "--without-pip", venv])
             proc.run([sys.executable, "-m", "pip", "--python", venv / "bin" / "python", "install", "-q",
-                      "--no-deps", *row.pypi.requirements()])
+                      "--no-deps", "--only-binary=:all:", "--require-hashes", "-r", lock])
             stamp.write_text(json.dumps(want))
     roots = sorted(venv.glob(f"lib/python3*/site-packages/nvidia/cu{row.cuda.major}"))
     if not roots:

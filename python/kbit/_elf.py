@@ -13,7 +13,7 @@ architecture number.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = ["ElfError", "ElfInfo", "FatbinArchs", "fatbin_archs", "read_elf"]
@@ -23,6 +23,7 @@ _FATBIN_KIND_PTX = 1
 _FATBIN_KIND_CUBIN = 2
 _SHT_DYNSYM = 11
 _SHT_DYNAMIC = 6
+_SHT_GNU_VERNEED = 0x6FFFFFFE
 _DT_NEEDED = 1
 _DT_SONAME = 14
 _STB_GLOBAL = 1
@@ -49,6 +50,9 @@ class ElfInfo:
     exported_functions: tuple[str, ...]  # defined, global/weak, default visibility, sorted
     sections: tuple[str, ...]
     fatbin: FatbinArchs
+    # .gnu.version_r: the symbol versions required of each needed library, e.g.
+    # {"libc.so.6": ("GLIBC_2.2.5", "GLIBC_2.17")}; what the dynamic loader checks before loading.
+    version_needs: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 def _arch_sort_key(arch: str) -> tuple[int, str]:
@@ -90,6 +94,35 @@ def fatbin_archs(section: bytes) -> FatbinArchs:
     )
 
 
+def _version_needs(blob: bytes, strtab: bytes, count: int) -> dict[str, tuple[str, ...]]:
+    """Parse Elf64_Verneed records (file, then a chain of Elf64_Vernaux version names)."""
+    needs: dict[str, list[str]] = {}
+    off = 0
+    for _ in range(count or 1 << 16):
+        if off + 16 > len(blob):
+            break
+        vn_version, vn_cnt, vn_file, vn_aux, vn_next = struct.unpack_from("<HHIII", blob, off)
+        if vn_version != 1:
+            raise ElfError(f"unknown Verneed version {vn_version}")
+        names = needs.setdefault(_cstr(strtab, vn_file), [])
+        aux = off + vn_aux
+        for _ in range(vn_cnt):
+            _hash, _flags, _other, vna_name, vna_next = struct.unpack_from("<IHHII", blob, aux)
+            names.append(_cstr(strtab, vna_name))
+            if vna_next == 0:
+                break
+            aux += vna_next
+        if vn_next == 0:
+            break
+        off += vn_next
+    return {file: tuple(sorted(set(v), key=_version_key)) for file, v in needs.items()}
+
+
+def _version_key(version: str) -> tuple[str, tuple[int, ...]]:
+    family, _, number = version.partition("_")
+    return family, tuple(int(x) for x in number.split(".") if x.isdigit())
+
+
 def read_elf(path: str | Path) -> ElfInfo:
     data = Path(path).read_bytes()
     if data[:4] != b"\x7fELF":
@@ -119,6 +152,7 @@ def read_elf(path: str | Path) -> ElfInfo:
     exported: set[str] = set()
     fat_cubin: set[str] = set()
     fat_ptx: set[str] = set()
+    version_needs: dict[str, tuple[str, ...]] = {}
     for i, (_n, stype, _off, _size, link, entsize) in enumerate(sections):
         if stype == _SHT_DYNAMIC:
             strtab = body(link)
@@ -143,6 +177,10 @@ def read_elf(path: str | Path) -> ElfInfo:
                     and vis == _STV_DEFAULT
                 ):
                     exported.add(_cstr(strtab, st_name))
+        elif stype == _SHT_GNU_VERNEED:
+            # sh_info holds the number of records
+            (count,) = struct.unpack_from("<I", data, e_shoff + i * e_shentsize + 44)
+            version_needs.update(_version_needs(body(i), body(link), count))
         elif names[i] == ".nv_fatbin":
             archs = fatbin_archs(body(i))
             fat_cubin.update(archs.cubin)
@@ -156,4 +194,5 @@ def read_elf(path: str | Path) -> ElfInfo:
             cubin=tuple(sorted(fat_cubin, key=_arch_sort_key)),
             ptx=tuple(sorted(fat_ptx, key=_arch_sort_key)),
         ),
+        version_needs=version_needs,
     )
