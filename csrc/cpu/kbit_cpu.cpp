@@ -31,6 +31,7 @@
 #if defined(__x86_64__) || defined(__i386__)
 #define KBIT_X86_AVX2 1
 #include <immintrin.h>
+/* AVX2 only, deliberately not FMA: a contracted multiply-add rounds once where kbit_math.h rounds twice. */
 #define KBIT_AVX2 __attribute__((target("avx2")))
 #endif
 
