@@ -2,7 +2,11 @@
 
     python benchmarks/bench_blockwise.py [--n 4194304] [--repeat 15] [--json out.json]
 
-Every figure is the median of --repeat timed runs after two warm-ups, on the same fp32 input.
+Every figure is the median of --repeat timed runs after two warm-ups, on the same fp32 input. The
+runs are interleaved (one run of every timed function per round: memcpy, then each op for kbit and
+for bitsandbytes), so a load change on a shared machine hits all of them alike instead of whichever
+was being timed at the moment. Both libraries are called the same way, each call allocating its
+outputs (bitsandbytes' CPU path takes no preallocated `out`).
 The ratios are what to compare across machines: kbit/bitsandbytes speed-up, and kbit's time over
 the time of copying the same bytes (memcpy of the input).
 """
@@ -14,19 +18,23 @@ import functools
 import json
 import statistics
 import time
+from typing import Callable
 
 import torch
 
 
-def median_ms(fn, repeat: int) -> float:
+def interleaved_medians(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:
+    """Median milliseconds of each function, timed round-robin."""
     for _ in range(2):
-        fn()
-    times = []
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main() -> int:
@@ -46,34 +54,34 @@ def main() -> int:
     torch.manual_seed(0)
     A = torch.randn(args.n, dtype=torch.float32)
     dst = torch.empty_like(A)
-    memcpy = median_ms(lambda: dst.copy_(A), args.repeat)
-    rows = []
+    fns: dict[str, Callable[[], object]] = {"memcpy": lambda: dst.copy_(A)}
+    ops = []  # (op, blocksize, kbit key, bnb key or None)
     for blocksize in (64, 4096):
         codes, state = F.quantize_blockwise(A, blocksize=blocksize)
-        kq = median_ms(functools.partial(F.quantize_blockwise, A, blocksize=blocksize), args.repeat)
-        kd = median_ms(functools.partial(F.dequantize_blockwise, codes, state), args.repeat)
-        bq = bd = None
+        fns[f"kq{blocksize}"] = functools.partial(F.quantize_blockwise, A, blocksize=blocksize)
+        fns[f"kd{blocksize}"] = functools.partial(F.dequantize_blockwise, codes, state)
         if bnb is not None:
             bcodes, bstate = bnb.quantize_blockwise(A, blocksize=blocksize)
-            bq = median_ms(functools.partial(bnb.quantize_blockwise, A, blocksize=blocksize), args.repeat)
-            bd = median_ms(functools.partial(bnb.dequantize_blockwise, bcodes, bstate), args.repeat)
-        rows.append(("quantize", blocksize, kq, bq))
-        rows.append(("dequantize", blocksize, kd, bd))
+            fns[f"bq{blocksize}"] = functools.partial(bnb.quantize_blockwise, A, blocksize=blocksize)
+            fns[f"bd{blocksize}"] = functools.partial(bnb.dequantize_blockwise, bcodes, bstate)
+        ops.append(("quantize", blocksize, f"kq{blocksize}", f"bq{blocksize}" if bnb else None))
+        ops.append(("dequantize", blocksize, f"kd{blocksize}", f"bd{blocksize}" if bnb else None))
     for blocksize in (64,):
         packed, state4 = F.quantize_4bit(A, blocksize=blocksize, quant_type="nf4")
-        out = torch.empty_like(A)
-        kq = median_ms(functools.partial(F.quantize_4bit, A, blocksize=blocksize, quant_type="nf4"), args.repeat)
-        kd = median_ms(functools.partial(F.dequantize_4bit, packed, state4, out=out), args.repeat)
-        bq = bd = None
+        fns[f"kq4_{blocksize}"] = functools.partial(F.quantize_4bit, A, blocksize=blocksize, quant_type="nf4")
+        fns[f"kd4_{blocksize}"] = functools.partial(F.dequantize_4bit, packed, state4)
         if bnb is not None:
             bpacked, bstate4 = bnb.quantize_4bit(A, blocksize=blocksize, quant_type="nf4")
-            bq = median_ms(functools.partial(bnb.quantize_4bit, A, blocksize=blocksize, quant_type="nf4"), args.repeat)
-            bd = median_ms(functools.partial(bnb.dequantize_4bit, bpacked, bstate4), args.repeat)
-        rows.append(("nf4 quant", blocksize, kq, bq))
-        rows.append(("nf4 dequant", blocksize, kd, bd))
+            fns[f"bq4_{blocksize}"] = functools.partial(bnb.quantize_4bit, A, blocksize=blocksize, quant_type="nf4")
+            fns[f"bd4_{blocksize}"] = functools.partial(bnb.dequantize_4bit, bpacked, bstate4)
+        ops.append(("nf4 quant", blocksize, f"kq4_{blocksize}", f"bq4_{blocksize}" if bnb else None))
+        ops.append(("nf4 dequant", blocksize, f"kd4_{blocksize}", f"bd4_{blocksize}" if bnb else None))
 
+    med = interleaved_medians(fns, args.repeat)
+    memcpy = med["memcpy"]
+    rows = [(op, bs, med[k], med[b] if b else None) for op, bs, k, b in ops]
     print(f"8-bit blockwise and NF4, {args.n} fp32 values on CPU ({torch.get_num_threads()} torch threads); "
-          f"median of {args.repeat}; memcpy {memcpy:.2f} ms")
+          f"median of {args.repeat}, interleaved; memcpy {memcpy:.2f} ms")
     print(f"{'op':<12}{'block':>6}{'kbit ms':>10}{'bnb ms':>10}{'speed-up':>10}{'x memcpy':>10}")
     for op, bs, k, b in rows:
         speed = f"{b / k:.2f}x" if b else "-"

@@ -90,7 +90,13 @@ KBIT_HD float kbit_normalize(float a, float absmax) { return a / absmax; }
 
 /* The grid bucket of a normalized value; NaN (e.g. 0/0 in an all-zero block) gives bucket 0. */
 KBIT_HD int32_t kbit_grid_bucket(float x) {
-  float t = (x + 1.0f) * KBIT_GRID_HALF_SPAN + 0.5f;
+#if defined(__CUDA_ARCH__)
+  /* Explicitly rounded steps: nvcc would otherwise contract the product and the sum into one fma
+   * (one rounding instead of two) and the GPU's buckets would differ from the CPU's. */
+  float t = __fadd_rn(__fmul_rn(__fadd_rn(x, 1.0f), KBIT_GRID_HALF_SPAN), 0.5f);
+#else
+  float t = (x + 1.0f) * KBIT_GRID_HALF_SPAN + 0.5f; /* C++17 (ISO mode): no contraction */
+#endif
   t = t >= 0.0f ? t : 0.0f; /* also maps NaN to 0 */
   t = t <= (float)(KBIT_GRID_SIZE - 1) ? t : (float)(KBIT_GRID_SIZE - 1);
   return (int32_t)t; /* t >= 0: truncation is floor */

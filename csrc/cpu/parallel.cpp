@@ -5,23 +5,107 @@
 #include <stdlib.h>
 #include <unistd.h>
 
+#include <atomic>
+
 namespace kbit {
 
 namespace {
 
 const int kMaxThreads = 256;
 
-struct Chunk {
+/* One parallel_for call: threads take chunks of `chunk` items from `next` until none are left, so a
+ * thread that starts late or is descheduled (the machine is shared) just takes fewer chunks. */
+struct Task {
   range_fn fn;
   void* ctx;
-  int64_t begin;
-  int64_t end;
+  int64_t count;
+  int64_t chunk;
+  std::atomic<int64_t> next;
 };
 
-void* run_chunk(void* arg) {
-  Chunk* c = static_cast<Chunk*>(arg);
-  c->fn(c->ctx, c->begin, c->end);
+void run_task(Task* t) {
+  for (;;) {
+    int64_t begin = t->next.fetch_add(t->chunk, std::memory_order_relaxed);
+    if (begin >= t->count) return;
+    int64_t end = t->count - begin < t->chunk ? t->count : begin + t->chunk;
+    t->fn(t->ctx, begin, end);
+  }
+}
+
+/* Worker threads, started on first use and then kept, asleep on `wake` between calls (a thread
+ * start costs ~30-40 us, a wake-up a few). A call publishes its Task, runs chunks itself, then
+ * closes the task and waits only for the workers that joined it: a worker that wakes after the
+ * close goes back to sleep without touching the (caller-owned) Task.
+ * fork(): the child has none of the parent's workers; the atfork handlers reset the pool there,
+ * and it restarts on the child's first call. Unload/exit: the destructor stops and joins them. */
+struct Pool {
+  pthread_mutex_t lock;
+  pthread_cond_t wake; /* workers: a task was published, or stop */
+  pthread_cond_t idle; /* the caller: the last joined worker left */
+  Task* task;          /* the open task, or NULL */
+  uint64_t serial;     /* bumped per published task */
+  int open_slots;      /* workers that may still join the open task */
+  int joined;          /* workers inside the task */
+  int workers;         /* threads started */
+  bool stop;
+  pthread_t ids[kMaxThreads];
+};
+
+Pool g_pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER, NULL, 0, 0, 0, 0,
+               false, {}};
+/* One pooled call at a time; a concurrent call (another application thread) runs on its own thread. */
+pthread_mutex_t g_call_lock = PTHREAD_MUTEX_INITIALIZER;
+pthread_once_t g_atfork_once = PTHREAD_ONCE_INIT;
+
+void* worker_main(void*) {
+  Pool& p = g_pool;
+  uint64_t seen = 0;
+  pthread_mutex_lock(&p.lock);
+  for (;;) {
+    while (!p.stop && p.serial == seen) pthread_cond_wait(&p.wake, &p.lock);
+    if (p.stop) break;
+    seen = p.serial;
+    if (p.task == NULL || p.open_slots <= 0) continue; /* closed already, or enough helpers */
+    --p.open_slots;
+    ++p.joined;
+    Task* t = p.task;
+    pthread_mutex_unlock(&p.lock);
+    run_task(t);
+    pthread_mutex_lock(&p.lock);
+    if (--p.joined == 0) pthread_cond_signal(&p.idle);
+  }
+  pthread_mutex_unlock(&p.lock);
   return NULL;
+}
+
+void atfork_prepare() {
+  pthread_mutex_lock(&g_call_lock); /* no call in flight while the address space is copied */
+  pthread_mutex_lock(&g_pool.lock);
+}
+void atfork_parent() {
+  pthread_mutex_unlock(&g_pool.lock);
+  pthread_mutex_unlock(&g_call_lock);
+}
+void atfork_child() {
+  Pool& p = g_pool;
+  p.task = NULL;
+  p.open_slots = p.joined = p.workers = 0;
+  p.serial = 0;
+  pthread_cond_init(&p.wake, NULL); /* the parent's waiters do not exist here */
+  pthread_cond_init(&p.idle, NULL);
+  pthread_mutex_unlock(&p.lock);
+  pthread_mutex_unlock(&g_call_lock);
+}
+void register_atfork() { pthread_atfork(atfork_prepare, atfork_parent, atfork_child); }
+
+__attribute__((destructor)) void stop_workers() {
+  Pool& p = g_pool;
+  pthread_mutex_lock(&p.lock);
+  p.stop = true;
+  int n = p.workers;
+  pthread_cond_broadcast(&p.wake);
+  pthread_mutex_unlock(&p.lock);
+  for (int i = 0; i < n; ++i) pthread_join(p.ids[i], NULL);
 }
 
 }  // namespace
@@ -51,27 +135,33 @@ void parallel_for(int64_t count, int64_t grain, range_fn fn, void* ctx) {
   int64_t threads = cpu_thread_count();
   int64_t by_grain = (count + grain - 1) / grain;
   if (threads > by_grain) threads = by_grain;
-  if (threads <= 1) {
+  if (threads <= 1 || pthread_mutex_trylock(&g_call_lock) != 0) {
     fn(ctx, 0, count);
     return;
   }
-  Chunk chunks[kMaxThreads];
-  pthread_t ids[kMaxThreads];
-  bool started[kMaxThreads];
-  int64_t per = count / threads, extra = count % threads, pos = 0;
-  for (int64_t t = 0; t < threads; ++t) {
-    int64_t len = per + (t < extra ? 1 : 0);
-    chunks[t] = Chunk{fn, ctx, pos, pos + len};
-    pos += len;
-  }
-  for (int64_t t = 1; t < threads; ++t) {
-    started[t] = pthread_create(&ids[t], NULL, run_chunk, &chunks[t]) == 0;
-    /* A thread that cannot start (resource limits) is run on the caller's thread instead. */
-    if (!started[t]) run_chunk(&chunks[t]);
-  }
-  run_chunk(&chunks[0]);
-  for (int64_t t = 1; t < threads; ++t)
-    if (started[t]) pthread_join(ids[t], NULL);
+  pthread_once(&g_atfork_once, register_atfork);
+  Task task;
+  task.fn = fn;
+  task.ctx = ctx;
+  task.count = count;
+  task.chunk = grain;
+  task.next.store(0, std::memory_order_relaxed);
+  Pool& p = g_pool;
+  pthread_mutex_lock(&p.lock);
+  /* A thread that cannot start (resource limits) leaves its share to the others. */
+  while (p.workers < threads - 1 && pthread_create(&p.ids[p.workers], NULL, worker_main, NULL) == 0) ++p.workers;
+  p.task = &task;
+  ++p.serial;
+  p.open_slots = (int)(threads - 1 < p.workers ? threads - 1 : p.workers);
+  pthread_cond_broadcast(&p.wake);
+  pthread_mutex_unlock(&p.lock);
+  run_task(&task);
+  pthread_mutex_lock(&p.lock);
+  p.task = NULL;
+  p.open_slots = 0;
+  while (p.joined > 0) pthread_cond_wait(&p.idle, &p.lock);
+  pthread_mutex_unlock(&p.lock);
+  pthread_mutex_unlock(&g_call_lock);
 }
 
 }  // namespace kbit
