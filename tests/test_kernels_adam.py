@@ -202,6 +202,30 @@ def test_requantization_at_midpoints(lib, qmap) -> None:
     assert_states_equal(parts, whole)
 
 
+def test_requantization_with_clustered_codebooks(lib) -> None:
+    """Codebooks with many entries inside one bucket of the CPU's search cache (and repeated entries):
+    the cache's longer walk still gives the reference's codes."""
+    gen = torch.Generator().manual_seed(11)
+    cluster = 0.5 + torch.rand(150, generator=gen) * 1e-3
+    q1 = torch.cat([torch.linspace(-1, 0.4, 100), cluster, torch.tensor([0.7, 0.7, 0.8, 0.9, 1.0, 1.0])]).sort().values
+    q2 = torch.cat([torch.zeros(3), torch.rand(200, generator=gen) * 1e-4, torch.linspace(0.5, 1, 53)]).sort().values
+    assert q1.numel() == 256 and q2.numel() == 256
+    n = 70_001
+    st = random_state(n, torch.float32, seed=12)
+    st.qmap1, st.qmap2 = q1.contiguous(), q2.contiguous()
+    # absmax 1 in every block (first value 1), so m / absmax1 = g and v / absmax2 = g * g: uniform values,
+    # the cluster's own entries and their midpoints
+    g = torch.rand(n, generator=gen)
+    g[::BLOCK] = 1.0
+    blocks = g[1::BLOCK].numel()
+    g[1::BLOCK] = cluster.repeat(2)[:blocks]
+    mids = (cluster.sort().values[:-1] + cluster.sort().values[1:]) / 2
+    g[2::BLOCK] = mids.repeat(2)[:blocks]
+    ref = reference_step(st, g, beta1=0.0, beta2=0.0)
+    native_step(lib, st, g, beta1=0.0, beta2=0.0)
+    assert_states_equal(st, ref)
+
+
 def test_ties_go_to_the_lower_entry() -> None:
     q = torch.tensor([-1.0, -0.5, 0.0, 0.5, 1.0] + [1.0] * 251)
     x = torch.tensor([-0.75, -0.25, 0.25, 0.75, 0.2, 0.3])
