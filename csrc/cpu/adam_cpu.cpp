@@ -44,7 +44,8 @@ const int64_t kAdamValuesPerTask = 1 << 15;
 /* A monotone map of float to uint32: a < b (as floats, not NaN) implies key(a) <= key(b). */
 inline uint32_t order_key(float x) {
   uint32_t u = kbit_f32_bits(x);
-  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  uint32_t neg = (uint32_t)((int32_t)u >> 31); /* all ones for a negative sign: ~u; else u | sign bit */
+  return u ^ (neg | 0x80000000u);
 }
 
 inline float key_float(uint32_t key) { return kbit_bits_f32((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key); }
@@ -104,9 +105,25 @@ inline uint8_t nearest_code_cached(const SearchCache* __restrict c, float x) {
   return (uint8_t)code;
 }
 
+/* The codes of one block's normalized values. The common case (every |x| <= kCacheDomain, and a
+ * walk of at most 1) in two passes: bucket indices (vectorized), then one table lookup and one
+ * threshold step per value; otherwise value by value. */
 inline void requantize_cached(const SearchCache* __restrict c, const float* __restrict x, uint8_t* __restrict out,
                               int64_t len) {
-  if (c->walk <= 1) {
+  uint32_t bucket[KBIT_OPTIM8_BLOCKSIZE];
+  uint32_t outside = 0;
+  for (int64_t i = 0; i < len; ++i) {
+    bucket[i] = order_key(x[i]) >> (32 - kSearchTableBits);
+    outside |= (uint32_t)!(fabsf(x[i]) <= kCacheDomain);
+  }
+  if (outside == 0 && c->walk <= 1) {
+    const uint8_t* __restrict table = c->table;
+    const float* __restrict thr = c->thresholds;
+    for (int64_t i = 0; i < len; ++i) {
+      int32_t code = table[bucket[i]];
+      out[i] = (uint8_t)(code + ((code < KBIT_CODEBOOK8_SIZE - 1) & (thr[code] <= x[i])));
+    }
+  } else if (c->walk <= 1) {
     for (int64_t i = 0; i < len; ++i) out[i] = nearest_code_cached<true>(c, x[i]);
   } else {
     for (int64_t i = 0; i < len; ++i) out[i] = nearest_code_cached<false>(c, x[i]);
