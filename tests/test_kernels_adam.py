@@ -202,6 +202,30 @@ def test_requantization_at_midpoints(lib, qmap) -> None:
     assert_states_equal(parts, whole)
 
 
+def test_requantization_with_clustered_codebooks(lib) -> None:
+    """Codebooks with many entries inside one bucket of the CPU's search cache (and repeated entries):
+    the cache's longer walk still gives the reference's codes."""
+    gen = torch.Generator().manual_seed(11)
+    cluster = 0.5 + torch.rand(150, generator=gen) * 1e-3
+    q1 = torch.cat([torch.linspace(-1, 0.4, 100), cluster, torch.tensor([0.7, 0.7, 0.8, 0.9, 1.0, 1.0])]).sort().values
+    q2 = torch.cat([torch.zeros(3), torch.rand(200, generator=gen) * 1e-4, torch.linspace(0.5, 1, 53)]).sort().values
+    assert q1.numel() == 256 and q2.numel() == 256
+    n = 70_001
+    st = random_state(n, torch.float32, seed=12)
+    st.qmap1, st.qmap2 = q1.contiguous(), q2.contiguous()
+    # absmax 1 in every block (first value 1), so m / absmax1 = g and v / absmax2 = g * g: uniform values,
+    # the cluster's own entries and their midpoints
+    g = torch.rand(n, generator=gen)
+    g[::BLOCK] = 1.0
+    blocks = g[1::BLOCK].numel()
+    g[1::BLOCK] = cluster.repeat(2)[:blocks]
+    mids = (cluster.sort().values[:-1] + cluster.sort().values[1:]) / 2
+    g[2::BLOCK] = mids.repeat(2)[:blocks]
+    ref = reference_step(st, g, beta1=0.0, beta2=0.0)
+    native_step(lib, st, g, beta1=0.0, beta2=0.0)
+    assert_states_equal(st, ref)
+
+
 def test_ties_go_to_the_lower_entry() -> None:
     q = torch.tensor([-1.0, -0.5, 0.0, 0.5, 1.0] + [1.0] * 251)
     x = torch.tensor([-0.75, -0.25, 0.25, 0.75, 0.2, 0.3])
@@ -367,8 +391,8 @@ def test_signature_is_bound(lib) -> None:
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n", [1, 255, 1000, 70001])
 def test_cuda_matches_cpu(lib, n, dtype, hyper) -> None:
-    """The same arithmetic (kbit_optim_math.h); nvcc may fuse multiply-adds, so values agree to float32
-    rounding and codes to within one entry."""
+    """The same arithmetic (kbit_optim_math.h, products and sums rounded one at a time on the GPU, IEEE
+    division and sqrt on both): the GPU's step equals the CPU's bit for bit."""
     load = _native.cuda_library()
     if load.library is None:
         pytest.skip("no CUDA library loaded")
@@ -378,10 +402,4 @@ def test_cuda_matches_cpu(lib, n, dtype, hyper) -> None:
     native_step(lib, st, g, **hyper)
     native_step(load.library, gst, g.cuda(), stream=torch.cuda.current_stream().cuda_stream, **hyper)
     torch.cuda.synchronize()
-    tol = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
-    torch.testing.assert_close(gst.p.cpu().float(), st.p.float(), rtol=tol, atol=tol * 1e-2)
-    torch.testing.assert_close(gst.absmax1.cpu(), st.absmax1, rtol=1e-5, atol=0)
-    torch.testing.assert_close(gst.absmax2.cpu(), st.absmax2, rtol=1e-5, atol=0)
-    for a, b in [(gst.state1.cpu(), st.state1), (gst.state2.cpu(), st.state2)]:
-        d = (a.int() - b.int()).abs()
-        assert d.max() <= 1 and d.count_nonzero() <= max(2, n // 1000)
+    assert_states_equal(gst.clone("cpu"), st)

@@ -21,6 +21,20 @@
 
 #include "kbit_math.h"
 
+/* Products and sums rounded one at a time on the GPU too: nvcc would otherwise fuse a * b + c into one
+ * fma (a different rounding), while the host compilers do not contract (ISO C++ mode, no FMA in the
+ * baseline x86-64 ISA). With these, division and sqrt (IEEE by default in CUDA), the GPU's step is
+ * the CPU's bit for bit. */
+#if defined(__CUDA_ARCH__)
+#define KBIT_FMUL(a, b) __fmul_rn((a), (b))
+#define KBIT_FADD(a, b) __fadd_rn((a), (b))
+#define KBIT_FSUB(a, b) __fsub_rn((a), (b))
+#else
+#define KBIT_FMUL(a, b) ((a) * (b))
+#define KBIT_FADD(a, b) ((a) + (b))
+#define KBIT_FSUB(a, b) ((a) - (b))
+#endif
+
 /* The per-call constants of one Adam step, float32 (computed on the host). */
 typedef struct KbitAdamParams {
   float beta1, one_minus_beta1;
@@ -63,17 +77,17 @@ static inline int kbit_adam_params_finite(const KbitAdamParams* q) {
  * First half: the gradient's scaling and weight decay, AdamW's decay of p, and the new moments. */
 KBIT_HD void kbit_adam_moments(const KbitAdamParams* q, float* p, float g, float* m, float* v) {
   float pv = *p;
-  g = g * q->gnorm_scale;
-  g = g + q->weight_decay * pv; /* weight_decay is 0 for AdamW: g + 0 * p = g for finite p */
-  *p = pv * q->decay;           /* decay is 1 for Adam */
-  *m = q->beta1 * *m + q->one_minus_beta1 * g;
-  *v = q->beta2 * *v + q->one_minus_beta2 * (g * g);
+  g = KBIT_FMUL(g, q->gnorm_scale);
+  g = KBIT_FADD(g, KBIT_FMUL(q->weight_decay, pv)); /* weight_decay is 0 for AdamW: g + 0 * p = g for finite p */
+  *p = KBIT_FMUL(pv, q->decay);                     /* decay is 1 for Adam */
+  *m = KBIT_FADD(KBIT_FMUL(q->beta1, *m), KBIT_FMUL(q->one_minus_beta1, g));
+  *v = KBIT_FADD(KBIT_FMUL(q->beta2, *v), KBIT_FMUL(q->one_minus_beta2, KBIT_FMUL(g, g)));
 }
 
 /* Second half: the parameter after the update, from the (decayed) p, the new m and sqrt(new v). */
 KBIT_HD float kbit_adam_apply(const KbitAdamParams* q, float p, float m, float sqrt_v) {
-  float denom = sqrt_v / q->bias2_sqrt + q->eps;
-  return p - q->step_size * (m / denom);
+  float denom = KBIT_FADD(sqrt_v / q->bias2_sqrt, q->eps);
+  return KBIT_FSUB(p, KBIT_FMUL(q->step_size, m / denom));
 }
 
 /* One value's whole step: p, m, v updated in place (m, v are the dequantized states). */

@@ -44,7 +44,8 @@ const int64_t kAdamValuesPerTask = 1 << 15;
 /* A monotone map of float to uint32: a < b (as floats, not NaN) implies key(a) <= key(b). */
 inline uint32_t order_key(float x) {
   uint32_t u = kbit_f32_bits(x);
-  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  uint32_t neg = (uint32_t)((int32_t)u >> 31); /* all ones for a negative sign: ~u; else u | sign bit */
+  return u ^ (neg | 0x80000000u);
 }
 
 inline float key_float(uint32_t key) { return kbit_bits_f32((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key); }
@@ -87,15 +88,46 @@ void build_search_cache(const float* qmap, SearchCache* c) {
     walk = count - prev > walk ? count - prev : walk;
     prev = count;
   }
-  c->walk = walk + 1; /* a value may pass every threshold up to the next bucket's start */
+  /* x in bucket t lies below bucket t + 1's start, so it passes at most table[t + 1] - table[t]
+   * thresholds beyond table[t] (the cache serves |x| <= kCacheDomain only, whose buckets all have a
+   * next bucket with a float start). */
+  c->walk = walk;
 }
 
-/* kbit_nearest_code(qmap, x), through the cache. */
+/* kbit_nearest_code(qmap, x), through the cache. WALK1: the cache's walk is at most 1 (the dynamic
+ * maps), so one step, unrolled. */
+template <bool WALK1>
 inline uint8_t nearest_code_cached(const SearchCache* __restrict c, float x) {
   if (!(fabsf(x) <= kCacheDomain)) return kbit_nearest_code(c->qmap, x); /* NaN, or never (|x| <= 1) */
   int32_t code = c->table[order_key(x) >> (32 - kSearchTableBits)];
-  for (int32_t s = 0; s < c->walk; ++s) code += (code < KBIT_CODEBOOK8_SIZE - 1) & (c->thresholds[code] <= x);
+  const int32_t steps = WALK1 ? 1 : c->walk;
+  for (int32_t s = 0; s < steps; ++s) code += (code < KBIT_CODEBOOK8_SIZE - 1) & (c->thresholds[code] <= x);
   return (uint8_t)code;
+}
+
+/* The codes of one block's normalized values. The common case (every |x| <= kCacheDomain, and a
+ * walk of at most 1) in two passes: bucket indices (vectorized), then one table lookup and one
+ * threshold step per value; otherwise value by value. */
+inline void requantize_cached(const SearchCache* __restrict c, const float* __restrict x, uint8_t* __restrict out,
+                              int64_t len) {
+  uint32_t bucket[KBIT_OPTIM8_BLOCKSIZE];
+  uint32_t outside = 0;
+  for (int64_t i = 0; i < len; ++i) {
+    bucket[i] = order_key(x[i]) >> (32 - kSearchTableBits);
+    outside |= (uint32_t)!(fabsf(x[i]) <= kCacheDomain);
+  }
+  if (outside == 0 && c->walk <= 1) {
+    const uint8_t* __restrict table = c->table;
+    const float* __restrict thr = c->thresholds;
+    for (int64_t i = 0; i < len; ++i) {
+      int32_t code = table[bucket[i]];
+      out[i] = (uint8_t)(code + ((code < KBIT_CODEBOOK8_SIZE - 1) & (thr[code] <= x[i])));
+    }
+  } else if (c->walk <= 1) {
+    for (int64_t i = 0; i < len; ++i) out[i] = nearest_code_cached<true>(c, x[i]);
+  } else {
+    for (int64_t i = 0; i < len; ++i) out[i] = nearest_code_cached<false>(c, x[i]);
+  }
 }
 
 struct AdamLoadF32 {
@@ -193,8 +225,8 @@ void adam_blocks(void* ctx, int64_t first_block, int64_t end_block) {
     }
     /* 4. requantize */
     if (job.cache1 != NULL) {
-      for (int64_t i = 0; i < len; ++i) s1[start + i] = nearest_code_cached(job.cache1, m[i]);
-      for (int64_t i = 0; i < len; ++i) s2[start + i] = nearest_code_cached(job.cache2, v[i]);
+      requantize_cached(job.cache1, m, s1 + start, len);
+      requantize_cached(job.cache2, v, s2 + start, len);
     } else {
       for (int64_t i = 0; i < len; ++i) s1[start + i] = kbit_optim_code(lut1, m[i]);
       for (int64_t i = 0; i < len; ++i) s2[start + i] = kbit_optim_code(lut2, v[i]);

@@ -157,7 +157,7 @@ KBIT_API int kbit_gemv_4bit(int dtype, int quant_type, const void* A, const uint
  * the last line evaluated as torch.optim.Adam does: p -= step_size * (m / (sqrt(v) / bias2_sqrt + eps))
  * with step_size = lr / (1 - beta1^step) and bias2_sqrt = sqrt(1 - beta2^step) computed in double
  * from the float32 arguments, then rounded to float32 (csrc/common/kbit_optim_math.h, shared by the
- * CPU and CUDA kernels; the CUDA compiler may fuse multiply-adds, so the GPU can differ by rounding).
+ * CPU and CUDA kernels, every operation rounded on its own: the GPU's results equal the CPU's).
  * Then each block of m and v is requantized: its new absmax is the block's max |value| (NaN if the
  * block holds one), each value gets the code of the qmap entry nearest to value / absmax, ties to the
  * lower index (an all-zero block stores absmax 0 and codes of the entry nearest 0; a NaN gets code 0).

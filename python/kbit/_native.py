@@ -178,16 +178,23 @@ def open_library(path: Path, entry: Optional[LibraryEntry]) -> NativeLibrary:
         handle = ctypes.CDLL(str(path), mode=os.RTLD_LOCAL | os.RTLD_NOW)
     except OSError as e:
         raise KbitLibraryError(f"dlopen failed: {e}") from None
+    # The ABI version first: a library of another ABI may lack entry points this runtime binds, and
+    # "different kbit versions" is the message that helps then.
+    try:
+        abi_fn = handle.kbit_abi_version
+    except AttributeError as e:
+        raise KbitLibraryError(f"{path}: missing symbol ({e}): not a kbit library") from None
+    abi_fn.restype, abi_fn.argtypes = _SIGNATURES["kbit_abi_version"]
+    abi = abi_fn()
+    if abi != ABI_VERSION:
+        raise KbitLibraryError(f"{path}: ABI {abi}, this kbit runtime needs ABI {ABI_VERSION}: "
+                               "the library and the Python package come from different kbit versions")
     try:
         for name, (restype, argtypes) in _SIGNATURES.items():
             fn = getattr(handle, name)
             fn.restype, fn.argtypes = restype, argtypes
     except AttributeError as e:
         raise KbitLibraryError(f"{path}: missing symbol ({e}): not a kbit library of this version") from None
-    abi = handle.kbit_abi_version()
-    if abi != ABI_VERSION:
-        raise KbitLibraryError(f"{path}: ABI {abi}, this kbit runtime needs ABI {ABI_VERSION}: "
-                               "the library and the Python package come from different kbit versions")
     try:
         info = json.loads((handle.kbit_build_info() or b"").decode())
         if not isinstance(info, dict):
