@@ -48,11 +48,11 @@ def lib() -> _native.NativeLibrary:
 @pytest.fixture(params=["default", "baseline"])
 def cpu_path(request, monkeypatch) -> str:
     """Both CPU code paths: the default (AVX2 + FMA where the CPU has them) and the baseline x86-64 one
-    (KBIT_CPU_BASELINE=1, read on every call)."""
+    (KBIT_CPU_SIMD=0, read on every call)."""
     if request.param == "baseline":
-        monkeypatch.setenv("KBIT_CPU_BASELINE", "1")
+        monkeypatch.setenv("KBIT_CPU_SIMD", "0")
     else:
-        monkeypatch.delenv("KBIT_CPU_BASELINE", raising=False)
+        monkeypatch.delenv("KBIT_CPU_SIMD", raising=False)
     return request.param
 
 

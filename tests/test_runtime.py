@@ -174,31 +174,27 @@ def test_bad_manifest_at_first_use(fresh_native, tmp_path: Path, content, messag
         fresh_native._load("cuda", package_dir=tmp_path, env={}, probes=NO_DRIVER)
 
 
-ABI2_SOURCE = r"""
-#include <stdint.h>
-int kbit_abi_version(void) { return 2; }
-const char* kbit_build_info(void) { return "{\"backend\":\"cpu\",\"abi\":2,\"cuda\":null,\"archs\":[],\"ptx\":[]}"; }
-const char* kbit_status_string(int s) { (void)s; return "?"; }
-int kbit_quantize_blockwise_8bit(int d, const void* a, const float* c, uint8_t* o, float* m, int64_t n,
-                                 int32_t b, void* s) { return 5; }
-int kbit_dequantize_blockwise_8bit(int d, const uint8_t* q, const float* c, const float* m, void* o, int64_t n,
-                                   int32_t b, void* s) { return 5; }
-int kbit_quantize_4bit(int d, int t, const void* a, uint8_t* o, float* m, int64_t n, int32_t b, void* s) { return 5; }
-int kbit_dequantize_4bit(int d, int t, const uint8_t* q, const float* m, void* o, int64_t n, int32_t b, void* s) {
-  return 5;
-}
-"""
+def other_abi_source(abi: int) -> str:
+    """A library that answers kbit_abi_version() with `abi` and has none of the kernels (an older or
+    newer kbit): the loader must ask for the ABI before it binds anything else."""
+    info = json.dumps({"backend": "cpu", "abi": abi, "cuda": None, "archs": [], "ptx": []}).replace('"', '\\"')
+    return (f"int kbit_abi_version(void) {{ return {abi}; }}\n"
+            f'const char* kbit_build_info(void) {{ return "{info}"; }}\n'
+            "const char* kbit_status_string(int s) { (void)s; return \"?\"; }\n")
 
 
-def test_abi_mismatch_is_refused(fresh_native, tmp_path: Path) -> None:
+@pytest.mark.parametrize("delta", [-1, 1], ids=["older", "newer"])
+def test_abi_mismatch_is_refused(fresh_native, tmp_path: Path, delta: int) -> None:
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         pytest.skip("needs a C compiler")
-    (tmp_path / "abi2.c").write_text(ABI2_SOURCE)
-    subprocess.run([cc, "-shared", "-fPIC", "-o", str(tmp_path / "libkbit_cpu.so"), str(tmp_path / "abi2.c")],
+    abi = fresh_native.ABI_VERSION + delta
+    (tmp_path / "other.c").write_text(other_abi_source(abi))
+    subprocess.run([cc, "-shared", "-fPIC", "-o", str(tmp_path / "libkbit_cpu.so"), str(tmp_path / "other.c")],
                    check=True)
     write_manifest(tmp_path, [entry(tmp_path / "libkbit_cpu.so")])
-    with pytest.raises(KbitLibraryError, match="ABI 2, this kbit runtime needs ABI 1"):
+    want = f"ABI {abi}, this kbit runtime needs ABI {fresh_native.ABI_VERSION}"
+    with pytest.raises(KbitLibraryError, match=want):
         fresh_native._load("cpu", package_dir=tmp_path, env={})
 
 

@@ -12,7 +12,7 @@
  * kbit_dequantize4_value) into 8 partial sums. A float16/bfloat16 A is converted to float32 once
  * per call, not once per row.
  *
- * On x86-64 CPUs with AVX2 and FMA (checked at run time; KBIT_CPU_BASELINE=1 turns it off), the
+ * On x86-64 CPUs with AVX2 and FMA (checked at run time; KBIT_CPU_SIMD=0 turns it off), the
  * pairs are decoded in registers instead: 8 bytes become 16 nibble indices, looked up in the
  * 16-entry codebook held in two registers (vpermps on each half, a blend on bit 3), multiplied by
  * the block's absmax and accumulated with fused multiply-adds into four independent sums.
@@ -27,6 +27,7 @@
 #include "kbit.h"
 #include "kbit_common.h"
 #include "kbit_math.h"
+#include "cpu_features.h"
 #include "parallel.h"
 
 namespace kbit {
@@ -135,12 +136,7 @@ void gemv_rows(void* ctx, int64_t first_row, int64_t end_row) {
 #if defined(KBIT_GEMV_AVX2)
 #define KBIT_AVX2 __attribute__((target("avx2,fma")))
 
-bool use_avx2() {
-  const char* env = getenv("KBIT_CPU_BASELINE");
-  if (env != NULL && env[0] == '1' && env[1] == '\0') return false;
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-}
+bool use_avx2() { return kbit::cpu::avx2_usable(true); }
 
 /* The codebook entries of 8 nibble indices (int32 lanes): vpermps uses the low 3 bits, bit 3 picks
  * the half (moved to the sign bit for the blend). */

@@ -26,6 +26,7 @@
 #include "kbit.h"
 #include "kbit_common.h"
 #include "kbit_math.h"
+#include "cpu_features.h"
 #include "parallel.h"
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -48,13 +49,8 @@ const int64_t kValuesPerChunk = 65536;
 int64_t grain_for(int32_t blocksize) { return kValuesPerChunk / blocksize > 0 ? kValuesPerChunk / blocksize : 1; }
 
 #if defined(KBIT_X86_AVX2)
-/* Whether to run the AVX2 kernels: the CPU (and OS) support them and KBIT_CPU_SIMD is not "0". */
-bool use_avx2() {
-  const char* env = getenv("KBIT_CPU_SIMD");
-  if (env != NULL && strcmp(env, "0") == 0) return false;
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") != 0;
-}
+/* Whether to run the AVX2 kernels: the CPU supports them and KBIT_CPU_SIMD is not "0". */
+bool use_avx2() { return kbit::cpu::avx2_usable(false); }
 
 /* Bit-exact vector forms of kbit_math.h's conversions (same integer/float steps, 8 lanes). */
 KBIT_AVX2 inline __m256 avx2_f16_to_f32(__m128i h16) {
