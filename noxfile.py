@@ -258,3 +258,4 @@ def bench(session: nox.Session) -> None:
     session.install(*TEST_DEPS)
     session.install("--no-deps", "--force-reinstall", str(wheel))
     session.run("python", "benchmarks/bench_blockwise.py", *session.posargs)
+    session.run("python", "benchmarks/bench_kernels.py", *session.posargs)

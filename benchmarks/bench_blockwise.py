@@ -16,25 +16,10 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import statistics
-import time
 from typing import Callable
 
 import torch
-
-
-def interleaved_medians(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:
-    """Median milliseconds of each function, timed round-robin."""
-    for _ in range(2):
-        for fn in fns.values():
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeat):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - t0) * 1e3)
-    return {name: statistics.median(t) for name, t in times.items()}
+from _timing import interleaved_medians
 
 
 def main() -> int:
