@@ -78,7 +78,8 @@ def test_a_fresh_build_dir_compiles_from_the_cache(tmp_path, zig_args):
     counters = dict(line.split("\t", 1) for line in stats.splitlines() if "\t" in line)
     hits = int(counters.get("direct_cache_hit", 0)) + int(counters.get("preprocessed_cache_hit", 0))
     misses = int(counters.get("cache_miss", 0))
-    assert (hits, misses) == (3, 0), stats  # kbit_cpu.cpp, parallel.cpp, build_info.cpp
+    units = len(list((tmp_path / "a").rglob("*.o")))  # one per source file of libkbit_cpu.so
+    assert units >= 3 and (hits, misses) == (units, 0), stats
     _assert_identical(tmp_path / "a" / "libkbit_cpu.so", tmp_path / "b" / "libkbit_cpu.so", tmp_path)
 
 
