@@ -9,6 +9,7 @@
 #include <stdint.h>
 
 #include "kbit.h"
+#include "kbit_optim_math.h"
 
 namespace kbit {
 
@@ -103,7 +104,7 @@ inline bool float_in(float v, float lo, float hi, bool hi_open) {
 /* Checks of kbit_adam_8bit_blockwise: hyperparameters first (so bad ones are reported even for
  * n == 0), then the pointers, then the size. beta1, beta2 in [0, 1); eps, weight_decay, lr,
  * gnorm_scale finite and >= 0; step >= 1; decoupled_weight_decay 0 or 1. (The entry points also
- * refuse steps whose float32 constants overflow: kbit_adam_params_finite.) */
+ * refuse steps whose float32 constants overflow: prepare_adam8.) */
 inline int check_adam8(int dtype, const void* p, const void* g, const void* state1, const void* state2,
                        const void* absmax1, const void* absmax2, const void* qmap1, const void* qmap2, float beta1,
                        float beta2, float eps, float weight_decay, float lr, int32_t step, float gnorm_scale,
@@ -123,6 +124,20 @@ inline int check_adam8(int dtype, const void* p, const void* g, const void* stat
     return KBIT_ERR_INVALID_ARGUMENT;
   if (n > (INT64_MAX / 8)) return KBIT_ERR_TOO_LARGE;
   return KBIT_OK;
+}
+
+/* The host side of kbit_adam_8bit_blockwise before any kernel, shared by every backend: check_adam8,
+ * then the step's float32 constants into *q (kbit_adam_params), refused if not finite. Callers then
+ * return the status if it is not KBIT_OK, and KBIT_OK for n == 0. */
+inline int prepare_adam8(int dtype, const void* p, const void* g, const void* state1, const void* state2,
+                         const void* absmax1, const void* absmax2, const void* qmap1, const void* qmap2, float beta1,
+                         float beta2, float eps, float weight_decay, float lr, int32_t step, float gnorm_scale,
+                         int decoupled_weight_decay, int64_t n, KbitAdamParams* q) {
+  int status = check_adam8(dtype, p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, beta1, beta2, eps,
+                           weight_decay, lr, step, gnorm_scale, decoupled_weight_decay, n);
+  if (status != KBIT_OK) return status;
+  *q = kbit_adam_params(beta1, beta2, eps, weight_decay, lr, step, gnorm_scale, decoupled_weight_decay);
+  return kbit_adam_params_finite(q) ? KBIT_OK : KBIT_ERR_INVALID_ARGUMENT;
 }
 
 }  // namespace kbit

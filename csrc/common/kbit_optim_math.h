@@ -47,7 +47,8 @@ typedef struct KbitAdamParams {
   float gnorm_scale;
 } KbitAdamParams;
 
-/* Host only: the constants of a step. Arguments must have been checked (kbit_check_adam_args). */
+/* Host only: the constants of a step. Arguments must have been checked (check_adam8; the entry
+ * points call prepare_adam8 of kbit_common.h, which does both). */
 static inline KbitAdamParams kbit_adam_params(float beta1, float beta2, float eps, float weight_decay, float lr,
                                               int32_t step, float gnorm_scale, int decoupled) {
   KbitAdamParams q;

@@ -28,6 +28,7 @@
 #include "kbit_common.h"
 #include "kbit_math.h"
 #include "kbit_optim_math.h"
+#include "cpu_dtype.h"
 #include "parallel.h"
 
 namespace kbit {
@@ -129,19 +130,6 @@ inline void requantize_cached(const SearchCache* __restrict c, const float* __re
     for (int64_t i = 0; i < len; ++i) out[i] = nearest_code_cached<false>(c, x[i]);
   }
 }
-
-struct AdamLoadF32 {
-  static float load(const void* p, int64_t i) { return static_cast<const float*>(p)[i]; }
-  static void store(void* p, int64_t i, float v) { static_cast<float*>(p)[i] = v; }
-};
-struct AdamLoadF16 {
-  static float load(const void* p, int64_t i) { return kbit_f16_to_f32(static_cast<const uint16_t*>(p)[i]); }
-  static void store(void* p, int64_t i, float v) { static_cast<uint16_t*>(p)[i] = kbit_f32_to_f16(v); }
-};
-struct AdamLoadBF16 {
-  static float load(const void* p, int64_t i) { return kbit_bf16_to_f32(static_cast<const uint16_t*>(p)[i]); }
-  static void store(void* p, int64_t i, float v) { static_cast<uint16_t*>(p)[i] = kbit_f32_to_bf16(v); }
-};
 
 struct AdamJob {
   void* p;
@@ -245,12 +233,10 @@ extern "C" KBIT_API int kbit_adam_8bit_blockwise(int dtype, void* p, const void*
                                                  float weight_decay, float lr, int32_t step, float gnorm_scale,
                                                  int decoupled_weight_decay, int64_t n, void* stream) {
   (void)stream;
-  int status = check_adam8(dtype, p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, beta1, beta2, eps,
-                           weight_decay, lr, step, gnorm_scale, decoupled_weight_decay, n);
-  if (status != KBIT_OK) return status;
-  KbitAdamParams q = kbit_adam_params(beta1, beta2, eps, weight_decay, lr, step, gnorm_scale, decoupled_weight_decay);
-  if (!kbit_adam_params_finite(&q)) return KBIT_ERR_INVALID_ARGUMENT;
-  if (n == 0) return KBIT_OK;
+  KbitAdamParams q;
+  int status = prepare_adam8(dtype, p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, beta1, beta2, eps,
+                             weight_decay, lr, step, gnorm_scale, decoupled_weight_decay, n, &q);
+  if (status != KBIT_OK || n == 0) return status;
   AdamJob* job = static_cast<AdamJob*>(malloc(sizeof(AdamJob)));
   if (job == NULL) return KBIT_ERR_INTERNAL;
   job->p = p;
@@ -277,9 +263,9 @@ extern "C" KBIT_API int kbit_adam_8bit_blockwise(int dtype, void* p, const void*
   int64_t blocks = (n + kBlock - 1) / kBlock;
   int64_t grain = kAdamValuesPerTask / kBlock;
   switch (dtype) {
-    case KBIT_DTYPE_F32: parallel_for(blocks, grain, adam_blocks<AdamLoadF32>, job); break;
-    case KBIT_DTYPE_F16: parallel_for(blocks, grain, adam_blocks<AdamLoadF16>, job); break;
-    default: parallel_for(blocks, grain, adam_blocks<AdamLoadBF16>, job); break;
+    case KBIT_DTYPE_F32: parallel_for(blocks, grain, adam_blocks<cpu::F32>, job); break;
+    case KBIT_DTYPE_F16: parallel_for(blocks, grain, adam_blocks<cpu::F16>, job); break;
+    default: parallel_for(blocks, grain, adam_blocks<cpu::BF16>, job); break;
   }
   free(caches);
   free(job);

@@ -27,6 +27,7 @@
 #include "kbit.h"
 #include "kbit_common.h"
 #include "kbit_math.h"
+#include "cpu_dtype.h"
 #include "cpu_features.h"
 #include "parallel.h"
 
@@ -37,16 +38,6 @@ namespace {
 const int64_t kGemvChunk = 512;
 /* Weight values per parallel chunk, so thread starts are amortized. */
 const int64_t kGemvValuesPerTask = 1 << 16;
-
-struct GemvLoadF32 {
-  static float load(const void* p, int64_t i) { return static_cast<const float*>(p)[i]; }
-};
-struct GemvLoadF16 {
-  static float load(const void* p, int64_t i) { return kbit_f16_to_f32(static_cast<const uint16_t*>(p)[i]); }
-};
-struct GemvLoadBF16 {
-  static float load(const void* p, int64_t i) { return kbit_bf16_to_f32(static_cast<const uint16_t*>(p)[i]); }
-};
 
 struct GemvJob {
   int dtype;
@@ -91,34 +82,39 @@ void segment_dot(const GemvJob& job, const void* A, int64_t row_start, int64_t p
     acc[0] += L::load(A, pos - row_start) * kbit_dequantize4_value(job.codebook, kbit_unpack4_first(packed[pos >> 1]), m);
 }
 
-template <typename L>
-float row_dot(const GemvJob& job, int64_t j) {
-  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+/* Row j of W' walked as segments that each lie in one quantization block:
+ * segment(row_start, pos, end, absmax of the block), in order. Always inlined, so that in
+ * gemv_rows_avx2 the AVX2 segment (and its register accumulators) inline into the row loop too. */
+template <typename Segment>
+__attribute__((always_inline)) inline void for_each_segment(const GemvJob& job, int64_t j, Segment segment) {
   int64_t start = j * job.k_in, end = start + job.k_in;
   for (int64_t pos = start; pos < end;) {
     int64_t b = pos >> job.log2_bs;
     int64_t bend = (b + 1) << job.log2_bs;
     bend = bend < end ? bend : end;
-    segment_dot<L>(job, job.A, start, pos, bend, job.absmax[b], acc);
+    segment(start, pos, bend, job.absmax[b]);
     pos = bend;
   }
+}
+
+/* The row's dot product from its 8 partial sums, in a fixed order. */
+inline float sum8(const float* acc) {
   return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
 }
 
-void store_out(const GemvJob& job, int64_t j, float v) {
-  switch (job.dtype) {
-    case KBIT_DTYPE_F32: static_cast<float*>(job.out)[j] = v; break;
-    case KBIT_DTYPE_F16: static_cast<uint16_t*>(job.out)[j] = kbit_f32_to_f16(v); break;
-    default: static_cast<uint16_t*>(job.out)[j] = kbit_f32_to_bf16(v); break;
-  }
+template <typename L>
+float row_dot(const GemvJob& job, int64_t j) {
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  for_each_segment(job, j, [&](int64_t row_start, int64_t pos, int64_t end, float m) {
+    segment_dot<L>(job, job.A, row_start, pos, end, m, acc);
+  });
+  return sum8(acc);
 }
 
-float load_bias(const GemvJob& job, int64_t j) {
-  switch (job.dtype) {
-    case KBIT_DTYPE_F32: return GemvLoadF32::load(job.bias, j);
-    case KBIT_DTYPE_F16: return GemvLoadF16::load(job.bias, j);
-    default: return GemvLoadBF16::load(job.bias, j);
-  }
+/* out[j] = dot (+ bias[j]) in the output dtype. */
+inline void store_row(const GemvJob& job, int64_t j, float v) {
+  if (job.bias != NULL) v += cpu::load_dtype(job.dtype, job.bias, j);
+  cpu::store_dtype(job.dtype, job.out, j, v);
 }
 
 /* L: how A is read (float32 after the one conversion; the dtype's loader if that buffer could not
@@ -127,9 +123,7 @@ template <typename L>
 void gemv_rows(void* ctx, int64_t first_row, int64_t end_row) {
   const GemvJob& job = *static_cast<const GemvJob*>(ctx);
   for (int64_t j = first_row; j < end_row; ++j) {
-    float v = job.k_in > 0 ? row_dot<L>(job, j) : 0.0f;
-    if (job.bias != NULL) v += load_bias(job, j);
-    store_out(job, j, v);
+    store_row(job, j, job.k_in > 0 ? row_dot<L>(job, j) : 0.0f);
   }
 }
 
@@ -198,21 +192,15 @@ KBIT_AVX2 void gemv_rows_avx2(void* ctx, int64_t first_row, int64_t end_row) {
     if (job.k_in > 0) {
       __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), acc2 = acc0, acc3 = acc0;
       float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      int64_t start = j * job.k_in, end = start + job.k_in;
-      for (int64_t pos = start; pos < end;) {
-        int64_t b = pos >> job.log2_bs;
-        int64_t bend = (b + 1) << job.log2_bs;
-        bend = bend < end ? bend : end;
-        segment_dot_avx2(job, A, start, pos, bend, job.absmax[b], acc0, acc1, acc2, acc3, acc);
-        pos = bend;
-      }
+      for_each_segment(job, j, [&](int64_t row_start, int64_t pos, int64_t end, float m) KBIT_AVX2 {
+        segment_dot_avx2(job, A, row_start, pos, end, m, acc0, acc1, acc2, acc3, acc);
+      });
       float lanes[8];
       _mm256_storeu_ps(lanes, _mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3)));
       for (int t = 0; t < 8; ++t) acc[t] += lanes[t];
-      v = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+      v = sum8(acc);
     }
-    if (job.bias != NULL) v += load_bias(job, j);
-    store_out(job, j, v);
+    store_row(job, j, v);
   }
 }
 #endif
@@ -237,11 +225,7 @@ extern "C" KBIT_API int kbit_gemv_4bit(int dtype, int quant_type, const void* A,
   job->out = out;
   job->k_in = k_in;
   job->log2_bs = log2_pow2(blocksize);
-  for (int c = 0; c < KBIT_CODEBOOK4_SIZE; ++c) job->codebook[c] = kbit_code4_value(quant_type, c);
-  for (int v = 0; v < 256; ++v) {
-    job->pairs[v][0] = job->codebook[kbit_unpack4_first((uint8_t)v)];
-    job->pairs[v][1] = job->codebook[kbit_unpack4_second((uint8_t)v)];
-  }
+  cpu::fill_code4_tables(quant_type, job->codebook, job->pairs);
   /* A as float32, once: every row reads all of it. */
   float* converted = NULL;
   job->A = A;
@@ -250,17 +234,17 @@ extern "C" KBIT_API int kbit_gemv_4bit(int dtype, int quant_type, const void* A,
     converted = static_cast<float*>(malloc((size_t)k_in * sizeof(float)));
     if (converted != NULL) {
       if (dtype == KBIT_DTYPE_F16) {
-        for (int64_t k = 0; k < k_in; ++k) converted[k] = GemvLoadF16::load(A, k);
+        for (int64_t k = 0; k < k_in; ++k) converted[k] = cpu::F16::load(A, k);
       } else {
-        for (int64_t k = 0; k < k_in; ++k) converted[k] = GemvLoadBF16::load(A, k);
+        for (int64_t k = 0; k < k_in; ++k) converted[k] = cpu::BF16::load(A, k);
       }
       job->A = converted;
       job->A_is_f32 = true;
     }
   }
-  range_fn fn = job->A_is_f32 ? gemv_rows<GemvLoadF32>
-                : dtype == KBIT_DTYPE_F16 ? gemv_rows<GemvLoadF16>
-                                          : gemv_rows<GemvLoadBF16>;
+  range_fn fn = job->A_is_f32 ? gemv_rows<cpu::F32>
+                : dtype == KBIT_DTYPE_F16 ? gemv_rows<cpu::F16>
+                                          : gemv_rows<cpu::BF16>;
 #if defined(KBIT_GEMV_AVX2)
   if (job->A_is_f32 && use_avx2()) fn = gemv_rows_avx2;
 #endif

@@ -26,6 +26,7 @@
 #include "kbit.h"
 #include "kbit_common.h"
 #include "kbit_math.h"
+#include "cpu_dtype.h"
 #include "cpu_features.h"
 #include "parallel.h"
 
@@ -100,25 +101,23 @@ KBIT_AVX2 inline __m128i avx2_f32_to_f16(__m256 f) {
 }
 #endif
 
-struct LoadF32 {
+/* The element types: cpu_dtype.h's scalar load/store, plus 8 values at a time with AVX2. */
+struct LoadF32 : cpu::F32 {
   static const int kBytes = 4;
-  static float load(const void* p, int64_t i) { return static_cast<const float*>(p)[i]; }
 #if defined(KBIT_X86_AVX2)
   static KBIT_AVX2 __m256 load8(const void* p, int64_t i) { return _mm256_loadu_ps(static_cast<const float*>(p) + i); }
 #endif
 };
-struct LoadF16 {
+struct LoadF16 : cpu::F16 {
   static const int kBytes = 2;
-  static float load(const void* p, int64_t i) { return kbit_f16_to_f32(static_cast<const uint16_t*>(p)[i]); }
 #if defined(KBIT_X86_AVX2)
   static KBIT_AVX2 __m256 load8(const void* p, int64_t i) {
     return avx2_f16_to_f32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i)));
   }
 #endif
 };
-struct LoadBF16 {
+struct LoadBF16 : cpu::BF16 {
   static const int kBytes = 2;
-  static float load(const void* p, int64_t i) { return kbit_bf16_to_f32(static_cast<const uint16_t*>(p)[i]); }
 #if defined(KBIT_X86_AVX2)
   static KBIT_AVX2 __m256 load8(const void* p, int64_t i) {
     __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i));
@@ -127,22 +126,19 @@ struct LoadBF16 {
 #endif
 };
 
-struct StoreF32 {
-  static void store(void* p, int64_t i, float v) { static_cast<float*>(p)[i] = v; }
+struct StoreF32 : cpu::F32 {
 #if defined(KBIT_X86_AVX2)
   static KBIT_AVX2 void store8(void* p, int64_t i, __m256 v) { _mm256_storeu_ps(static_cast<float*>(p) + i, v); }
 #endif
 };
-struct StoreF16 {
-  static void store(void* p, int64_t i, float v) { static_cast<uint16_t*>(p)[i] = kbit_f32_to_f16(v); }
+struct StoreF16 : cpu::F16 {
 #if defined(KBIT_X86_AVX2)
   static KBIT_AVX2 void store8(void* p, int64_t i, __m256 v) {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(p) + i), avx2_f32_to_f16(v));
   }
 #endif
 };
-struct StoreBF16 {
-  static void store(void* p, int64_t i, float v) { static_cast<uint16_t*>(p)[i] = kbit_f32_to_bf16(v); }
+struct StoreBF16 : cpu::BF16 {
 #if defined(KBIT_X86_AVX2)
   static KBIT_AVX2 void store8(void* p, int64_t i, __m256 v) {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(p) + i), avx2_f32_to_bf16(v));
@@ -699,12 +695,8 @@ KBIT_API int kbit_dequantize_4bit(int dtype, int quant_type, const uint8_t* pack
   job.out = out;
   job.n = n;
   job.blocksize = blocksize;
-  for (int k = 0; k < KBIT_CODEBOOK4_SIZE; ++k) job.codebook[k] = kbit_code4_value(quant_type, k);
   /* A cache of kbit_dequantize4_value's operand per byte: pair[v] * m is that function's product. */
-  for (int v = 0; v < 256; ++v) {
-    job.pairs[v][0] = job.codebook[kbit_unpack4_first((uint8_t)v)];
-    job.pairs[v][1] = job.codebook[kbit_unpack4_second((uint8_t)v)];
-  }
+  cpu::fill_code4_tables(quant_type, job.codebook, job.pairs);
   int64_t blocks = (n + blocksize - 1) / blocksize;
   range_fn fn =
       by_dtype(dtype, dequantize4_range<StoreF32>, dequantize4_range<StoreF16>, dequantize4_range<StoreBF16>);

@@ -96,12 +96,10 @@ extern "C" KBIT_API int kbit_adam_8bit_blockwise(int dtype, void* p, const void*
                                                  const float* qmap2, float beta1, float beta2, float eps,
                                                  float weight_decay, float lr, int32_t step, float gnorm_scale,
                                                  int decoupled_weight_decay, int64_t n, void* stream) {
-  int status = check_adam8(dtype, p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, beta1, beta2, eps,
-                           weight_decay, lr, step, gnorm_scale, decoupled_weight_decay, n);
-  if (status != KBIT_OK) return status;
-  KbitAdamParams q = kbit_adam_params(beta1, beta2, eps, weight_decay, lr, step, gnorm_scale, decoupled_weight_decay);
-  if (!kbit_adam_params_finite(&q)) return KBIT_ERR_INVALID_ARGUMENT;
-  if (n == 0) return KBIT_OK;
+  KbitAdamParams q;
+  int status = prepare_adam8(dtype, p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, beta1, beta2, eps,
+                             weight_decay, lr, step, gnorm_scale, decoupled_weight_decay, n, &q);
+  if (status != KBIT_OK || n == 0) return status;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   int64_t blocks = (n + kAdamThreads - 1) / kAdamThreads;
   dim3 grid(cuda_util::grid_for(blocks));

@@ -9,6 +9,7 @@
 
 #include "kbit.h"
 #include "kbit_common.h"
+#include "kbit_cuda_util.cuh"
 #include "kbit_math.h"
 
 namespace kbit {
@@ -17,24 +18,6 @@ namespace {
 const int kQuantizeThreads = 256; /* a quant block of up to 4096 values: <= 16 values per thread */
 const int kMaxValuesPerThread = KBIT_BLOCKWISE8_MAX_BLOCKSIZE / kQuantizeThreads;
 const int kDequantizeThreads = 256;
-
-template <int DTYPE>
-__device__ __forceinline__ float load_value(const void* p, int64_t i) {
-  if (DTYPE == KBIT_DTYPE_F32) return static_cast<const float*>(p)[i];
-  if (DTYPE == KBIT_DTYPE_F16) return kbit_f16_to_f32(static_cast<const uint16_t*>(p)[i]);
-  return kbit_bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
-}
-
-template <int DTYPE>
-__device__ __forceinline__ void store_value(void* p, int64_t i, float v) {
-  if (DTYPE == KBIT_DTYPE_F32) {
-    static_cast<float*>(p)[i] = v;
-  } else if (DTYPE == KBIT_DTYPE_F16) {
-    static_cast<uint16_t*>(p)[i] = kbit_f32_to_f16(v);
-  } else {
-    static_cast<uint16_t*>(p)[i] = kbit_f32_to_bf16(v);
-  }
-}
 
 /* NaN-ignoring max, as on the CPU (`v > m` is false for NaN). */
 __device__ __forceinline__ float max_ignore_nan(float m, float v) { return v > m ? v : m; }
@@ -72,7 +55,7 @@ __global__ void __launch_bounds__(kQuantizeThreads)
 #pragma unroll
     for (int k = 0; k < kMaxValuesPerThread; ++k) {
       int64_t i = threadIdx.x + (int64_t)k * kQuantizeThreads;
-      v[k] = i < len ? load_value<DTYPE>(A, start + i) : 0.0f;
+      v[k] = i < len ? cuda_util::load<DTYPE>(A, start + i) : 0.0f;
       m = max_ignore_nan(m, fabsf(v[k]));
     }
     m = block_max(m, s_warp_max);
@@ -95,42 +78,7 @@ __global__ void __launch_bounds__(kDequantizeThreads)
   __syncthreads();
   int64_t stride = (int64_t)gridDim.x * blockDim.x;
   for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
-    store_value<DTYPE>(out, i, kbit_dequantize_value(s_code, codes[i], absmax[i >> blocksize_log2]));
-}
-
-int64_t grid_size(int64_t work_items, int64_t cap) { return work_items < cap ? work_items : cap; }
-
-/* Grid cap: enough blocks to fill any current GPU several times over; grid-stride loops do the rest. */
-const int64_t kMaxGrid = 65535;
-
-int launch_status() {
-  cudaError_t err = cudaGetLastError();
-  return err == cudaSuccess ? KBIT_OK : KBIT_STATUS_CUDA_BASE + (int)err;
-}
-
-template <int D>
-struct DtypeTag {
-  static constexpr int value = D;
-};
-
-/* Calls launch(DtypeTag<dtype>{}) with the element type as a compile-time constant (dtype was
- * checked by the caller), then reports the launch's status. */
-template <typename Launch>
-int launch_for_dtype(int dtype, Launch launch) {
-  /* Clear an earlier, unrelated sticky-free error so it is not reported as ours. */
-  (void)cudaGetLastError();
-  switch (dtype) {
-    case KBIT_DTYPE_F32:
-      launch(DtypeTag<KBIT_DTYPE_F32>{});
-      break;
-    case KBIT_DTYPE_F16:
-      launch(DtypeTag<KBIT_DTYPE_F16>{});
-      break;
-    default:
-      launch(DtypeTag<KBIT_DTYPE_BF16>{});
-      break;
-  }
-  return launch_status();
+    cuda_util::store<DTYPE>(out, i, kbit_dequantize_value(s_code, codes[i], absmax[i >> blocksize_log2]));
 }
 
 /* ---- 4-bit ---- */
@@ -189,7 +137,7 @@ __global__ void __launch_bounds__(kQuantize4MaxThreads)
       int64_t i = 2 * (threadIdx.x + (int64_t)k * blockDim.x);
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        v[k][h] = i + h < len ? load_value<DTYPE>(A, start + i + h) : 0.0f;
+        v[k][h] = i + h < len ? cuda_util::load<DTYPE>(A, start + i + h) : 0.0f;
         uint32_t u = kbit_f32_bits(v[k][h]) & 0x7fffffffu;
         mbits = u > mbits ? u : mbits;
       }
@@ -229,8 +177,8 @@ __global__ void __launch_bounds__(kDequantize4Threads)
     uint8_t v = packed[j];
     int64_t i = 2 * j;
     float m = absmax[i >> blocksize_log2]; /* blocksize is even: both values share a block */
-    store_value<DTYPE>(out, i, kbit_dequantize4_value(s_code, kbit_unpack4_first(v), m));
-    if (i + 1 < n) store_value<DTYPE>(out, i + 1, kbit_dequantize4_value(s_code, kbit_unpack4_second(v), m));
+    cuda_util::store<DTYPE>(out, i, kbit_dequantize4_value(s_code, kbit_unpack4_first(v), m));
+    if (i + 1 < n) cuda_util::store<DTYPE>(out, i + 1, kbit_dequantize4_value(s_code, kbit_unpack4_second(v), m));
   }
 }
 
@@ -256,8 +204,8 @@ KBIT_API int kbit_quantize_blockwise_8bit(int dtype, const void* A, const float*
   if (status != KBIT_OK || n == 0) return status;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   int64_t blocks = (n + blocksize - 1) / blocksize;
-  dim3 grid((unsigned)grid_size(blocks, kMaxGrid));
-  return launch_for_dtype(dtype, [&](auto tag) {
+  dim3 grid(cuda_util::grid_for(blocks));
+  return cuda_util::launch_for_dtype(dtype, [&](auto tag) {
     quantize_blockwise8_kernel<decltype(tag)::value><<<grid, kQuantizeThreads, 0, s>>>(A, code, out, absmax, n, blocksize, blocks);
   });
 }
@@ -268,8 +216,8 @@ KBIT_API int kbit_dequantize_blockwise_8bit(int dtype, const uint8_t* codes, con
   if (status != KBIT_OK || n == 0) return status;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   int32_t log2_bs = log2_pow2(blocksize);
-  dim3 grid((unsigned)grid_size((n + kDequantizeThreads - 1) / kDequantizeThreads, kMaxGrid));
-  return launch_for_dtype(dtype, [&](auto tag) {
+  dim3 grid(cuda_util::grid_for((n + kDequantizeThreads - 1) / kDequantizeThreads));
+  return cuda_util::launch_for_dtype(dtype, [&](auto tag) {
     dequantize_blockwise8_kernel<decltype(tag)::value><<<grid, kDequantizeThreads, 0, s>>>(codes, code, absmax, out, n, log2_bs);
   });
 }
@@ -281,8 +229,8 @@ KBIT_API int kbit_quantize_4bit(int dtype, int quant_type, const void* A, uint8_
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   int64_t blocks = (n + blocksize - 1) / blocksize;
   int threads = blocksize / 2 < 32 ? 32 : (blocksize / 2 > kQuantize4MaxThreads ? kQuantize4MaxThreads : blocksize / 2);
-  dim3 grid((unsigned)grid_size(blocks, kMaxGrid));
-  return launch_for_dtype(dtype, [&](auto tag) {
+  dim3 grid(cuda_util::grid_for(blocks));
+  return cuda_util::launch_for_dtype(dtype, [&](auto tag) {
     quantize4_kernel<decltype(tag)::value><<<grid, threads, 0, s>>>(A, quant_type, out, absmax, n, blocksize, blocks);
   });
 }
@@ -294,8 +242,8 @@ KBIT_API int kbit_dequantize_4bit(int dtype, int quant_type, const uint8_t* pack
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   int32_t log2_bs = log2_pow2(blocksize);
   int64_t bytes = (n + 1) / 2;
-  dim3 grid((unsigned)grid_size((bytes + kDequantize4Threads - 1) / kDequantize4Threads, kMaxGrid));
-  return launch_for_dtype(dtype, [&](auto tag) {
+  dim3 grid(cuda_util::grid_for((bytes + kDequantize4Threads - 1) / kDequantize4Threads));
+  return cuda_util::launch_for_dtype(dtype, [&](auto tag) {
     dequantize4_kernel<decltype(tag)::value><<<grid, kDequantize4Threads, 0, s>>>(packed, quant_type, absmax, out, n, log2_bs);
   });
 }

@@ -1,6 +1,6 @@
 /*
- * Device-side load/store of kbit's element types and the launch/status helpers of the CUDA entry
- * points of gemv.cu and adam.cu (kbit_cuda.cu keeps its own copies in its translation unit).
+ * Device-side load/store of kbit's element types and the launch/status helpers of every CUDA entry
+ * point (kbit_cuda.cu, gemv.cu, adam.cu).
  */
 #ifndef KBIT_CUDA_KBIT_CUDA_UTIL_CUH_
 #define KBIT_CUDA_KBIT_CUDA_UTIL_CUH_
