@@ -213,18 +213,25 @@ def quantize_blockwise(
     return out, QuantState8bit(absmax, code, blocksize, A.dtype, A.shape)
 
 
+def _check_codes_and_state(codes: object, state: object, state_type: type, ref: str, origin: str) -> torch.Tensor:
+    """What both dequantize families check first: uint8 codes, a state of the family's type (made by
+    `origin`) and a supported state dtype. Returns the codes tensor."""
+    codes = _check_tensor(codes, ref)
+    if not isinstance(state, state_type):
+        raise TypeError(f"state must be a {state_type.__name__} (from {origin}), got {type(state).__name__}")
+    if codes.dtype != torch.uint8:
+        raise TypeError(f"{ref} must be torch.uint8, got {codes.dtype}")
+    if state.dtype not in _DTYPES:
+        raise TypeError(f"state.dtype must be {_DTYPE_NAMES}, got {state.dtype}")
+    return codes
+
+
 def dequantize_blockwise(
     codes: torch.Tensor, state: QuantState8bit, out: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
     """The values the codes stand for: code[codes[i]] * absmax[i // blocksize], in state.dtype and
     state.shape (written into `out` when given)."""
-    codes = _check_tensor(codes, "codes")
-    if not isinstance(state, QuantState8bit):
-        raise TypeError(f"state must be a QuantState8bit (from quantize_blockwise), got {type(state).__name__}")
-    if codes.dtype != torch.uint8:
-        raise TypeError(f"codes must be torch.uint8, got {codes.dtype}")
-    if state.dtype not in _DTYPES:
-        raise TypeError(f"state.dtype must be {_DTYPE_NAMES}, got {state.dtype}")
+    codes = _check_codes_and_state(codes, state, QuantState8bit, "codes", "quantize_blockwise")
     blocksize = _check_blocksize(state.blocksize)
     n = codes.numel()
     if n == 0:
@@ -480,13 +487,7 @@ def _absmax_4bit(state: QuantState4bit, n: int, device: torch.device, ref: str) 
 
 def _check_state_4bit(packed: object, state: object, ref: str = "packed") -> tuple[torch.Tensor, QuantState4bit, int]:
     """packed and state of a 4-bit tensor, checked against each other; returns (packed, state, numel)."""
-    packed = _check_tensor(packed, ref)
-    if not isinstance(state, QuantState4bit):
-        raise TypeError(f"state must be a QuantState4bit (from quantize_4bit), got {type(state).__name__}")
-    if packed.dtype != torch.uint8:
-        raise TypeError(f"{ref} must be torch.uint8, got {packed.dtype}")
-    if state.dtype not in _DTYPES:
-        raise TypeError(f"state.dtype must be {_DTYPE_NAMES}, got {state.dtype}")
+    packed = _check_codes_and_state(packed, state, QuantState4bit, ref, "quantize_4bit")
     _check_blocksize_4bit(state.blocksize)
     _check_quant_type(state.quant_type)
     n = math.prod(state.shape)
