@@ -1,5 +1,6 @@
-"""8-bit blockwise quantization on CPU: against a plain-torch reference of the format, against
-bitsandbytes 0.50.2 as an oracle, and every bad input refused before native code runs."""
+"""8-bit blockwise quantization on CPU: against a plain-torch reference of the format (tests/reference.py),
+against bitsandbytes 0.50.2 as the oracle of the format (codes, absmax; its dequantized values are
+recorded, not trusted), and every bad input refused before native code runs."""
 
 from __future__ import annotations
 
@@ -12,37 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from kbit import KbitNativeError, KbitNoBackendError, _ops
 from kbit import functional as F
+from reference import GRID_HALF_SPAN, dequantize_blockwise, quantize_blockwise, record_peer
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 BLOCKSIZES = [64, 128, 256, 512, 1024, 2048, 4096]
-GRID_HALF_SPAN = 32767.5  # (65536 - 1) / 2
-
-
-def reference_quantize(A: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The format in plain torch, all in float32: per-block absmax; x = A / absmax (0 in an all-zero
-    block) snapped to the nearest of 65536 evenly spaced points on [-1, 1], as bitsandbytes does;
-    then the index of the code entry nearest to that point (ties: the lower index)."""
-    flat = A.reshape(-1).float()
-    n = flat.numel()
-    blocks = math.ceil(n / blocksize)
-    padded = torch.zeros(blocks * blocksize)
-    padded[:n] = flat
-    absmax = padded.view(blocks, blocksize).abs().amax(dim=1)
-    scale = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
-    normed = (padded.view(blocks, blocksize) / scale[:, None]).reshape(-1)[:n]
-    bucket = torch.floor(((normed + 1.0) * GRID_HALF_SPAN + 0.5).clamp(0, 65535))
-    point = bucket / GRID_HALF_SPAN - 1.0
-    codes = (point[:, None] - code[None, :]).abs().argmin(dim=1).to(torch.uint8)  # argmin: first minimum
-    return codes.reshape(A.shape), absmax
-
-
-def reference_dequantize(codes: torch.Tensor, code: torch.Tensor, absmax: torch.Tensor, blocksize: int,
-                         dtype: torch.dtype) -> torch.Tensor:
-    flat = codes.reshape(-1).long()
-    scale = absmax.repeat_interleave(blocksize)[: flat.numel()]
-    return (code[flat] * scale).to(dtype).reshape(codes.shape)
-
-
 def sizes(blocksize: int) -> list[int]:
     return [1, blocksize - 1, blocksize, 2 * blocksize + 3]  # partial last blocks included
 
@@ -90,12 +64,12 @@ def test_matches_reference(dtype: torch.dtype, blocksize: int) -> None:
     for n in sizes(blocksize):
         A = (torch.randn(n, generator=gen) * 3).to(dtype)
         codes, state = F.quantize_blockwise(A, blocksize=blocksize)
-        ref_codes, ref_absmax = reference_quantize(A, code, blocksize)
+        ref_codes, ref_absmax = quantize_blockwise(A, code, blocksize)
         assert torch.equal(state.absmax, ref_absmax)
         assert torch.equal(codes, ref_codes)
         out = F.dequantize_blockwise(codes, state)
         assert out.dtype == dtype and out.shape == A.shape
-        assert torch.equal(out, reference_dequantize(codes, code, state.absmax, blocksize, dtype))
+        assert torch.equal(out, dequantize_blockwise(codes, code, state.absmax, blocksize, dtype))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -109,7 +83,9 @@ def test_matches_bitsandbytes(dtype: torch.dtype, blocksize: int) -> None:
         bnb_codes, bnb_state = bnb_f.quantize_blockwise(A, blocksize=blocksize)
         assert torch.equal(codes, bnb_codes)
         assert torch.equal(state.absmax, bnb_state.absmax)
-        assert torch.equal(F.dequantize_blockwise(codes, state), bnb_f.dequantize_blockwise(bnb_codes, bnb_state))
+        expected = dequantize_blockwise(codes, state.code, state.absmax, blocksize, dtype)
+        assert torch.equal(F.dequantize_blockwise(codes, state), expected)
+        record_peer("dequantize_blockwise", bnb_f.dequantize_blockwise(bnb_codes, bnb_state), expected)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -147,7 +123,7 @@ def test_custom_code() -> None:
     A = torch.randn(1000, generator=torch.Generator().manual_seed(3))
     codes, state = F.quantize_blockwise(A, code=code, blocksize=128)
     assert state.code is code
-    assert torch.equal(codes, reference_quantize(A, code, 128)[0])
+    assert torch.equal(codes, quantize_blockwise(A, code, 128)[0])
 
 
 @settings(max_examples=50, deadline=None)
@@ -157,7 +133,7 @@ def test_nearest_code_property(values: list[float], blocksize: int) -> None:
     A = torch.tensor(values, dtype=torch.float32)
     code = F.create_dynamic_map()
     codes, state = F.quantize_blockwise(A, blocksize=blocksize)
-    _, ref_absmax = reference_quantize(A, code, blocksize)
+    _, ref_absmax = quantize_blockwise(A, code, blocksize)
     assert torch.equal(state.absmax, ref_absmax)
     scale = ref_absmax.repeat_interleave(blocksize)[: A.numel()]
     normed = torch.where(scale > 0, A / torch.where(scale > 0, scale, torch.ones_like(scale)), torch.zeros_like(A))

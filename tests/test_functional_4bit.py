@@ -1,6 +1,7 @@
-"""4-bit (NF4/FP4) blockwise quantization on CPU: against a plain-torch reference of the format,
-against bitsandbytes 0.50.2 as an oracle (codes bit-equal, dequantized values equal), and every bad
-input refused before native code runs."""
+"""4-bit (NF4/FP4) blockwise quantization on CPU: against a plain-torch reference of the format
+(tests/reference.py), against bitsandbytes 0.50.2 as the oracle of the format (packed codes, absmax
+and codebooks bit-equal; its dequantized values are recorded, not trusted), and every bad input
+refused before native code runs."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from kbit import KbitNativeError, _ops
 from kbit import functional as F
+from reference import dequantize_4bit, quantize_4bit, record_peer
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 BLOCKSIZES = [32, 64, 128, 256, 512, 1024, 2048, 4096]
@@ -22,46 +24,6 @@ KBIT_QUANT = {"fp4": 0, "nf4": 1}  # kbit.h's KBIT_QUANT_*
 def sizes(blocksize: int) -> list[int]:
     # odd n, one value, a partial last block, exact blocks
     return [1, 7, blocksize - 1, blocksize, 2 * blocksize, 3 * blocksize + 5]
-
-
-def reference_quantize(A: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """kbit.h's rule in plain torch, all float32: per block m = max |A| (NaN propagates), s = max(m, 1e-38);
-    full blocks keep absmax m and x = A * (1 / s); a partial last block keeps s and x = A / s. The code
-    is that of the entry whose rank is the number of midpoints x exceeds (NaN: all 15). Packed two per
-    byte, first value high; an odd n pads with the code of 0."""
-    flat = A.reshape(-1).float()
-    n = flat.numel()
-    code = F.get_4bit_code(quant_type)
-    order = torch.argsort(code, stable=True)  # FP4: +0 (code 0) ranks below -0 (code 8)
-    sorted_code = code[order]
-    bounds = (sorted_code[:-1] + sorted_code[1:]) / 2
-    absmax, normed = [], []
-    floor = torch.tensor(1e-38, dtype=torch.float32)
-    for start in range(0, n, blocksize):
-        block = flat[start:start + blocksize]
-        m = block.abs().max()
-        s = torch.where(m < floor, floor, m)
-        if block.numel() == blocksize:
-            absmax.append(m)
-            normed.append(block * (1.0 / s))
-        else:
-            absmax.append(s)
-            normed.append(block / s)
-    x = torch.cat(normed)
-    if n % 2:
-        x = torch.cat([x, torch.zeros(1)])
-    rank = (~(x[:, None] <= bounds[None, :])).sum(dim=1)
-    codes = order[rank].to(torch.uint8)
-    packed = (codes[0::2] << 4) | codes[1::2]
-    return packed.reshape(-1, 1), torch.stack(absmax)
-
-
-def reference_dequantize(packed: torch.Tensor, absmax: torch.Tensor, n: int, blocksize: int, quant_type: str,
-                         dtype: torch.dtype) -> torch.Tensor:
-    flat = packed.reshape(-1)
-    codes = torch.stack([flat >> 4, flat & 15], dim=1).reshape(-1)[:n].long()
-    scale = absmax.repeat_interleave(blocksize)[:n]
-    return (F.get_4bit_code(quant_type)[codes] * scale).to(dtype)
 
 
 @pytest.fixture
@@ -104,13 +66,13 @@ def test_matches_reference(quant_type: str, dtype: torch.dtype, blocksize: int) 
     for n in sizes(blocksize):
         A = (torch.randn(n, generator=gen) * 3).to(dtype)
         packed, state = F.quantize_4bit(A, blocksize=blocksize, quant_type=quant_type)
-        ref_packed, ref_absmax = reference_quantize(A, blocksize, quant_type)
+        ref_packed, ref_absmax = quantize_4bit(A, blocksize, quant_type)
         assert packed.shape == ((n + 1) // 2, 1) and packed.dtype == torch.uint8
         assert torch.equal(state.absmax, ref_absmax)
         assert torch.equal(packed, ref_packed)
         out = F.dequantize_4bit(packed, state)
         assert out.dtype == dtype and out.shape == A.shape
-        assert torch.equal(out, reference_dequantize(packed, state.absmax, n, blocksize, quant_type, dtype))
+        assert torch.equal(out, dequantize_4bit(packed, state.absmax, n, blocksize, quant_type, dtype))
 
 
 @pytest.mark.parametrize("quant_type", QUANT_TYPES)
@@ -126,15 +88,17 @@ def test_matches_bitsandbytes(quant_type: str, dtype: torch.dtype, blocksize: in
         assert torch.equal(packed, bnb_packed)
         assert torch.equal(state.absmax, bnb_state.absmax)
         assert torch.equal(state.code, bnb_state.code)
-        ours = F.dequantize_4bit(packed, state)
-        # bitsandbytes' CPU kernel returns (1, n) for an even 1-D n; the values are what must agree.
-        theirs = bnb_f.dequantize_4bit(bnb_packed, bnb_state)
-        assert ours.dtype == theirs.dtype and torch.equal(ours.reshape(-1), theirs.reshape(-1))
+        expected = dequantize_4bit(packed, state.absmax, n, blocksize, quant_type, dtype)
+        assert torch.equal(F.dequantize_4bit(packed, state), expected)
+        # bitsandbytes' CPU kernel returns (1, n) for an even 1-D n; the values are what is compared.
+        record_peer(f"dequantize_4bit({quant_type}, {dtype}, blocksize {blocksize})",
+                    bnb_f.dequantize_4bit(bnb_packed, bnb_state), expected)
 
 
 @pytest.mark.parametrize("quant_type", QUANT_TYPES)
 def test_edge_values_match_bitsandbytes(quant_type: str) -> None:
-    """NaN, inf, zeros, subnormals, ties at the midpoints: kbit.h's documented behaviour, as bitsandbytes."""
+    """NaN, inf, zeros, subnormals, ties at the midpoints: kbit.h's documented behaviour, the format as
+    bitsandbytes writes it."""
     bnb_f = pytest.importorskip("bitsandbytes.functional")
     code = F.get_4bit_code(quant_type)
     s = code.sort().values
@@ -153,12 +117,14 @@ def test_edge_values_match_bitsandbytes(quant_type: str) -> None:
         bnb_packed, bnb_state = bnb_f.quantize_4bit(A, blocksize=64, quant_type=quant_type)
         assert torch.equal(packed, bnb_packed)
         assert torch.allclose(state.absmax, bnb_state.absmax, rtol=0, atol=0, equal_nan=True)
-        ref_packed, ref_absmax = reference_quantize(A, 64, quant_type)
+        ref_packed, ref_absmax = quantize_4bit(A, 64, quant_type)
         assert torch.equal(packed, ref_packed)
         assert torch.allclose(state.absmax, ref_absmax, rtol=0, atol=0, equal_nan=True)
+        expected = dequantize_4bit(packed, state.absmax, A.numel(), 64, quant_type, A.dtype)
         ours = F.dequantize_4bit(packed, state).reshape(-1)
-        theirs = bnb_f.dequantize_4bit(bnb_packed, bnb_state).reshape(-1)
-        assert torch.allclose(ours, theirs, rtol=0, atol=0, equal_nan=True)
+        assert torch.allclose(ours, expected, rtol=0, atol=0, equal_nan=True)
+        record_peer(f"dequantize_4bit({quant_type}) of edge values", bnb_f.dequantize_4bit(bnb_packed, bnb_state),
+                    expected)
 
 
 @pytest.mark.parametrize("quant_type", QUANT_TYPES)
@@ -205,7 +171,7 @@ def test_round_trip_error_bound(quant_type: str, dtype: torch.dtype) -> None:
 def test_reference_property(values: list[float], blocksize: int, quant_type: str) -> None:
     A = torch.tensor(values, dtype=torch.float32)
     packed, state = F.quantize_4bit(A, blocksize=blocksize, quant_type=quant_type)
-    ref_packed, ref_absmax = reference_quantize(A, blocksize, quant_type)
+    ref_packed, ref_absmax = quantize_4bit(A, blocksize, quant_type)
     assert torch.equal(packed, ref_packed) and torch.equal(state.absmax, ref_absmax)
 
 

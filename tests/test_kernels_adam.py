@@ -3,7 +3,7 @@
 * one step equals a float32 torch transcription of kbit.h's formula on the dequantized states, then
   the requantization (new absmax, nearest qmap entry, ties to the lower index), bit for bit;
 * 100 steps stay close to torch.optim.Adam / AdamW (the 8-bit states' rounding is the only difference);
-* one step agrees with bitsandbytes' Adam8bit (an oracle, within the states' rounding);
+* five chained steps equal five reference steps; bitsandbytes' Adam8bit is recorded against them;
 * bad arguments return their statuses; with a GPU, the CUDA library agrees with the CPU one.
 """
 
@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import ctypes
 import math
+import warnings
 
 import pytest
 import torch
 from kbit import KbitNativeError, _native
 from kbit import functional as F
+from reference import PeerDisagreement, cpu_model, record_peer
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 KBIT_DTYPE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -269,31 +271,35 @@ def test_hundred_steps_follow_torch_adam(lib) -> None:
         assert loss(K) < 0.05 * loss(W0)
 
 
-def test_five_steps_agree_with_bitsandbytes(lib) -> None:
-    """bitsandbytes' Adam8bit (on CPU) as an oracle: after five steps, parameters agree within a quarter
-    of lr and nearly all state codes are equal (bitsandbytes' requantization rounds differently at the
-    margin)."""
-    bnb = pytest.importorskip("bitsandbytes")
+def test_five_steps_equal_the_reference_and_bitsandbytes_is_recorded(lib) -> None:
+    """Five chained steps equal five reference steps bit for bit. bitsandbytes' Adam8bit (on CPU) on
+    the same gradients is recorded against them, not trusted: its requantization rounds differently
+    at the margin (measured on an AMD EPYC: parameters 1.4e-4 apart, a quarter of lr allowed; under 1%
+    of the state codes differ), and its CPU kernels depend on the CPU."""
     n = 8192
     gen = torch.Generator().manual_seed(3)
     p0 = torch.randn(n, generator=gen)
     grads = [torch.randn(n, generator=gen) for _ in range(5)]
-    ref = torch.nn.Parameter(p0.clone())
+    st, expected = State(p0), State(p0)
+    for step, g in enumerate(grads, start=1):
+        native_step(lib, st, g, lr=1e-3, beta1=0.9, beta2=0.995, step=step)
+        expected = reference_step(expected, g, lr=1e-3, beta1=0.9, beta2=0.995, step=step)
+    assert_states_equal(st, expected)
+
+    bnb = pytest.importorskip("bitsandbytes")
+    theirs = torch.nn.Parameter(p0.clone())
     try:
-        opt = bnb.optim.Adam8bit([ref], lr=1e-3, betas=(0.9, 0.995), eps=1e-8, min_8bit_size=0)
-        st = State(p0)
-        for step, g in enumerate(grads, start=1):
-            ref.grad = g.clone()
+        opt = bnb.optim.Adam8bit([theirs], lr=1e-3, betas=(0.9, 0.995), eps=1e-8, min_8bit_size=0)
+        for g in grads:
+            theirs.grad = g.clone()
             opt.step()
-            native_step(lib, st, g, lr=1e-3, beta1=0.9, beta2=0.995, step=step)
     except (RuntimeError, NotImplementedError) as e:
-        pytest.skip(f"bitsandbytes' CPU Adam8bit unavailable: {e}")
-    # measured: 1.4e-4 (each is as far from torch.optim.Adam), 23 of 8192 state1 codes differ
-    assert torch.allclose(st.p, ref.detach(), rtol=0, atol=2.5e-4)
-    state = opt.state[ref]
-    assert torch.allclose(st.absmax1, state["absmax1"], rtol=1e-3)
-    assert torch.allclose(st.absmax2, state["absmax2"], rtol=1e-3)
-    assert (st.state1 != state["state1"]).sum() < n // 100 and (st.state2 != state["state2"]).sum() < n // 100
+        warnings.warn(PeerDisagreement(f"bitsandbytes' CPU Adam8bit is unavailable on {cpu_model()}: {e}"),
+                      stacklevel=1)
+        return
+    record_peer("Adam8bit, five steps: parameters", theirs.detach(), expected.p, atol=2.5e-4)
+    record_peer("Adam8bit, five steps: absmax1", opt.state[theirs]["absmax1"], expected.absmax1, rtol=1e-3)
+    record_peer("Adam8bit, five steps: absmax2", opt.state[theirs]["absmax2"], expected.absmax2, rtol=1e-3)
 
 
 def test_non_finite_gradient_poisons_its_block_only(lib) -> None:

@@ -1,5 +1,6 @@
 """kbit.nn.Linear4bit: quantization on construction / move, the GEMV and dequantize paths, state dict
-round trips, and checkpoints of bitsandbytes 0.50.2's Linear4bit (its CPU path as the oracle)."""
+round trips, and checkpoints of bitsandbytes 0.50.2's Linear4bit (the same keys and bytes; the outputs
+against the reference dequantization of the checkpoint, bitsandbytes' own outputs recorded)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 from kbit import functional as F
 from kbit import nn as knn
+from reference import dequantize_4bit_state, record_peer
 from torch import nn
 
 
@@ -161,10 +163,17 @@ def test_bitsandbytes_checkpoint_loads(compress: bool, quant_type: str) -> None:
     assert list(our_sd) == list(bnb_sd) and all(torch.equal(our_sd[k], bnb_sd[k]) for k in bnb_sd)
     fresh = knn.Linear4bit(160, 96, device="meta")
     fresh.load_state_dict(bnb_sd)
+    # The checkpoint's weight by the format's definition (its JSON item parsed by from_dict).
+    W = dequantize_4bit_state(bnb_sd["weight"], F.QuantState4bit.from_dict(
+        {k.removeprefix("weight."): v for k, v in bnb_sd.items() if k.startswith("weight.")}))
+    bias = bnb_sd["bias"]
     with torch.no_grad():
-        xb = _x(3, 160)
-        assert torch.equal(fresh(xb), theirs(xb))
-        torch.testing.assert_close(fresh(_x(160)), theirs(_x(160)), rtol=1e-5, atol=1e-5)
+        xb, x1 = _x(3, 160), _x(160)
+        assert torch.equal(fresh(xb), nn.functional.linear(xb, W, bias))  # dequantize + matmul: bit-equal
+        torch.testing.assert_close(fresh(x1), nn.functional.linear(x1, W, bias), rtol=1e-5, atol=1e-5)  # GEMV
+        for x in (xb, x1):
+            record_peer(f"Linear4bit({quant_type}, nested={compress}) forward of {tuple(x.shape)}", theirs(x),
+                        nn.functional.linear(x, W, bias), rtol=1e-5, atol=1e-5)
 
 
 def test_bad_arguments() -> None:

@@ -1,5 +1,6 @@
-"""kbit.optim.Adam8bit / AdamW8bit: training a small MLP stays close to torch.optim.Adam(W) and to
-bitsandbytes 0.50.2's 8-bit optimizers on CPU; state layout, state_dict round trip, closure."""
+"""kbit.optim.Adam8bit / AdamW8bit: training a small MLP stays close to torch.optim.Adam(W)
+(bitsandbytes 0.50.2's 8-bit optimizers on CPU recorded beside it); state layout, state_dict round
+trip, closure."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 from kbit import functional as F
 from kbit import optim as ko
+from reference import record_peer
 from torch import nn
 
 
@@ -63,12 +65,17 @@ def test_close_to_torch(ours, theirs, kwargs) -> None:
     (ko.Adam8bit, "Adam8bit", {"lr": 1e-3}),
     (ko.AdamW8bit, "AdamW8bit", {"lr": 1e-3, "weight_decay": 0.1}),
 ])
-def test_close_to_bitsandbytes(ours, theirs, kwargs) -> None:
+def test_bitsandbytes_is_recorded(ours, theirs, kwargs) -> None:
+    """bitsandbytes' 8-bit optimizer on the same training, recorded against kbit's (not trusted: its CPU
+    kernels depend on the CPU; kbit is judged against torch's fp32 Adam above and against the step's
+    reference in test_kernels_adam.py). Measured on an AMD EPYC: losses 4.4e-4 apart, parameters
+    0.014-0.028 of their movement (vs torch's fp32 Adam: 0.05-0.10)."""
     bnb = pytest.importorskip("bitsandbytes")
     model, _, losses = _train(ours, **kwargs)
     ref, _, ref_losses = _train(getattr(bnb.optim, theirs), **kwargs)
-    assert max(abs(a - b) for a, b in zip(losses, ref_losses)) < 2e-3  # measured: 4.4e-4
-    assert max(_rel(model, ref, _model())) < 0.06  # measured: 0.014-0.028 (vs torch's fp32 Adam: 0.05-0.10)
+    record_peer(f"{theirs}: 100 training losses", torch.tensor(ref_losses), torch.tensor(losses), atol=2e-3)
+    rel = torch.tensor(_rel(model, ref, _model()))
+    record_peer(f"{theirs}: parameters after 100 steps (distance / movement)", rel, torch.zeros_like(rel), atol=0.06)
 
 
 @pytest.mark.parametrize("ours,theirs,wd", [(ko.Adam8bit, torch.optim.Adam, 0.01),

@@ -1,5 +1,7 @@
-"""Nested ("double") 4-bit quantization and the serializable QuantState4bit, against bitsandbytes
-0.50.2 as an oracle: codes bit-equal, dequantized values equal, state dicts loadable both ways."""
+"""Nested ("double") 4-bit quantization and the serializable QuantState4bit: against the reference of
+the format (tests/reference.py) and bitsandbytes 0.50.2 as the oracle of the format (codes, absmax,
+offset, nested state and state-dict bytes equal; state dicts loadable both ways; its dequantized
+values recorded, not trusted)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import json
 import pytest
 import torch
 from kbit import functional as F
+from reference import dequantize_4bit_state, record_peer
 
 QUANT_TYPES = ["nf4", "fp4"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -34,7 +37,10 @@ def test_nested_matches_bitsandbytes(quant_type: str, dtype: torch.dtype, blocks
         assert torch.equal(state.state2.code, bs.state2.code) and state.state2.blocksize == bs.state2.blocksize == 256
         ours = F.dequantize_4bit(packed, state)
         assert ours.shape == A.shape and ours.dtype == dtype
-        assert torch.equal(ours.reshape(-1), bnb_f.dequantize_4bit(bp, bs).reshape(-1))
+        expected = dequantize_4bit_state(packed, state)
+        assert torch.equal(ours, expected)
+        record_peer(f"dequantize_4bit({quant_type}, {dtype}, blocksize {blocksize}, nested) of {shape}",
+                    bnb_f.dequantize_4bit(bp, bs), expected)
 
 
 def test_nested_close_to_plain() -> None:
@@ -79,8 +85,9 @@ def test_bitsandbytes_state_dict_loads_in_kbit(compress: bool, quant_type: str) 
     d = {f"weight.{k}": v for k, v in bs.as_dict(packed=True).items()}
     state = F.QuantState4bit.from_dict(d, device="cpu")
     assert state.nested == compress and state.shape == A.shape and state.dtype == torch.float16
-    ours = F.dequantize_4bit(bp, state)
-    assert torch.equal(ours.reshape(-1), bnb_f.dequantize_4bit(bp, bs).reshape(-1))
+    expected = dequantize_4bit_state(bp, bs)  # what bitsandbytes' state says, from the definition
+    assert torch.equal(F.dequantize_4bit(bp, state), expected)
+    record_peer(f"dequantize_4bit({quant_type})", bnb_f.dequantize_4bit(bp, bs), expected)
 
 
 @pytest.mark.parametrize("compress", [False, True])
@@ -92,8 +99,12 @@ def test_kbit_state_dict_loads_in_bitsandbytes(compress: bool, quant_type: str) 
     d = state.as_dict(packed=True)
     bs = bnb_f.QuantState.from_dict(dict(d), device=torch.device("cpu"))
     assert bs.nested == compress and bs.shape == A.shape and bs.blocksize == 128
-    theirs = bnb_f.dequantize_4bit(packed, bs)
-    assert torch.equal(theirs.reshape(-1), F.dequantize_4bit(packed, state).reshape(-1))
+    # bitsandbytes' state from kbit's dict holds kbit's tensors (the format), whatever it computes from them
+    assert torch.equal(bs.absmax, state.absmax) and torch.equal(bs.code, state.code)
+    if compress:
+        assert torch.equal(bs.offset, state.offset) and torch.equal(bs.state2.absmax, state.state2.absmax)
+    record_peer(f"dequantize_4bit({quant_type}) of a kbit state", bnb_f.dequantize_4bit(packed, bs),
+                dequantize_4bit_state(packed, state))
     # the packed JSON tensor is byte-identical to what bitsandbytes writes for the same state
     _, bnb_state = bnb_f.quantize_4bit(A, blocksize=128, quant_type=quant_type, compress_statistics=compress)
     key = f"quant_state.bitsandbytes__{quant_type}"
