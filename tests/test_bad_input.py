@@ -16,6 +16,7 @@ from kbit import _ops
 from kbit import functional as F
 from kbit import nn as knn
 from kbit import optim as ko
+from machine import require_memory
 
 
 @pytest.fixture
@@ -212,6 +213,7 @@ def test_gemv_past_2_pow_31_values() -> None:
     the last row, which lies past 2^31 and must come out exactly as that row alone. About 3 s."""
     n = BIG_N_OUT * BIG_K_IN
     assert n > 2**31
+    require_memory(n // 2 + n // 16, "a 2^31-value 4-bit weight")
     _, row_packed, row_state = _last_row()
     packed = torch.full((n // 2, 1), NF4_ZERO_PAIR, dtype=torch.uint8)
     packed[-BIG_K_IN // 2:] = row_packed
@@ -232,6 +234,8 @@ def test_gemv_past_2_pow_31_values() -> None:
 def test_quantize_4bit_past_2_pow_31_values() -> None:
     """quantize_4bit of 2^31 + 2^15 bf16 values (4 GiB in, 1 GiB out; 10-30 s on 2 cores): the values
     past 2^31 are quantized as if alone, every block before them is zero."""
+    n = BIG_N_OUT * BIG_K_IN
+    require_memory(2 * n + n // 2 + n // 16, "2^31 bf16 values and their 4-bit codes")
     last, row_packed, row_state = _last_row()
     W = torch.zeros(BIG_N_OUT, BIG_K_IN, dtype=torch.bfloat16)
     W[-1] = last

@@ -12,6 +12,7 @@ import pytest
 import torch
 from kbit import KbitNativeError, _native
 from kbit import functional as F
+from machine import require_memory
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 KBIT_DTYPE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -157,10 +158,8 @@ def test_large_row_offsets(lib) -> None:
     n_out, k_in, blocksize = (1 << 20) + 3, 2048, 4096
     n = n_out * k_in
     assert n > 2**31
-    try:
-        packed = torch.zeros((n + 1) // 2, dtype=torch.uint8)
-    except RuntimeError:
-        pytest.skip("not enough memory for a 1 GiB weight")
+    require_memory((n + 1) // 2 + 4 * n // blocksize, "a 1 GiB 4-bit weight")
+    packed = torch.zeros((n + 1) // 2, dtype=torch.uint8)
     absmax = torch.zeros((n + blocksize - 1) // blocksize)
     tail = slice(n_out - 3, n_out)
     W_tail = torch.randn(3, k_in, generator=torch.Generator().manual_seed(5))
