@@ -104,7 +104,7 @@ extern "C" KBIT_API int kbit_adam_8bit_blockwise(int dtype, void* p, const void*
   int64_t blocks = (n + kAdamThreads - 1) / kAdamThreads;
   dim3 grid(cuda_util::grid_for(blocks));
   return cuda_util::launch_for_dtype(dtype, [&](auto tag) {
-    adam8_kernel<decltype(tag)::value><<<grid, kAdamThreads, 0, s>>>(p, g, state1, state2, absmax1, absmax2, qmap1,
-                                                                      qmap2, q, n, blocks);
+    cuda_util::launch<adam8_kernel<decltype(tag)::value>>(grid, kAdamThreads, s, p, g, state1, state2, absmax1, absmax2,
+                                                            qmap1, qmap2, q, n, blocks);
   });
 }

@@ -85,9 +85,11 @@ extern "C" KBIT_API int kbit_gemv_4bit(int dtype, int quant_type, const void* A,
   return cuda_util::launch_for_dtype(dtype, [&](auto tag) {
     constexpr int D = decltype(tag)::value;
     if (words) {
-      gemv4_kernel<D, true><<<grid, kGemvThreads, 0, s>>>(A, quant_type, packed, absmax, bias, out, n_out, k_in, log2_bs);
+      cuda_util::launch<gemv4_kernel<D, true>>(grid, kGemvThreads, s, A, quant_type, packed, absmax, bias, out, n_out, k_in,
+                                              log2_bs);
     } else {
-      gemv4_kernel<D, false><<<grid, kGemvThreads, 0, s>>>(A, quant_type, packed, absmax, bias, out, n_out, k_in, log2_bs);
+      cuda_util::launch<gemv4_kernel<D, false>>(grid, kGemvThreads, s, A, quant_type, packed, absmax, bias, out, n_out,
+                                               k_in, log2_bs);
     }
   });
 }

@@ -206,7 +206,8 @@ KBIT_API int kbit_quantize_blockwise_8bit(int dtype, const void* A, const float*
   int64_t blocks = (n + blocksize - 1) / blocksize;
   dim3 grid(cuda_util::grid_for(blocks));
   return cuda_util::launch_for_dtype(dtype, [&](auto tag) {
-    quantize_blockwise8_kernel<decltype(tag)::value><<<grid, kQuantizeThreads, 0, s>>>(A, code, out, absmax, n, blocksize, blocks);
+    cuda_util::launch<quantize_blockwise8_kernel<decltype(tag)::value>>(grid, kQuantizeThreads, s, A, code, out, absmax,
+                                                                          n, blocksize, blocks);
   });
 }
 
@@ -218,7 +219,8 @@ KBIT_API int kbit_dequantize_blockwise_8bit(int dtype, const uint8_t* codes, con
   int32_t log2_bs = log2_pow2(blocksize);
   dim3 grid(cuda_util::grid_for((n + kDequantizeThreads - 1) / kDequantizeThreads));
   return cuda_util::launch_for_dtype(dtype, [&](auto tag) {
-    dequantize_blockwise8_kernel<decltype(tag)::value><<<grid, kDequantizeThreads, 0, s>>>(codes, code, absmax, out, n, log2_bs);
+    cuda_util::launch<dequantize_blockwise8_kernel<decltype(tag)::value>>(grid, kDequantizeThreads, s, codes, code, absmax,
+                                                                            out, n, log2_bs);
   });
 }
 
@@ -231,7 +233,8 @@ KBIT_API int kbit_quantize_4bit(int dtype, int quant_type, const void* A, uint8_
   int threads = blocksize / 2 < 32 ? 32 : (blocksize / 2 > kQuantize4MaxThreads ? kQuantize4MaxThreads : blocksize / 2);
   dim3 grid(cuda_util::grid_for(blocks));
   return cuda_util::launch_for_dtype(dtype, [&](auto tag) {
-    quantize4_kernel<decltype(tag)::value><<<grid, threads, 0, s>>>(A, quant_type, out, absmax, n, blocksize, blocks);
+    cuda_util::launch<quantize4_kernel<decltype(tag)::value>>(grid, threads, s, A, quant_type, out, absmax, n, blocksize,
+                                                                blocks);
   });
 }
 
@@ -244,7 +247,8 @@ KBIT_API int kbit_dequantize_4bit(int dtype, int quant_type, const uint8_t* pack
   int64_t bytes = (n + 1) / 2;
   dim3 grid(cuda_util::grid_for((bytes + kDequantize4Threads - 1) / kDequantize4Threads));
   return cuda_util::launch_for_dtype(dtype, [&](auto tag) {
-    dequantize4_kernel<decltype(tag)::value><<<grid, kDequantize4Threads, 0, s>>>(packed, quant_type, absmax, out, n, log2_bs);
+    cuda_util::launch<dequantize4_kernel<decltype(tag)::value>>(grid, kDequantize4Threads, s, packed, quant_type, absmax,
+                                                                  out, n, log2_bs);
   });
 }
 

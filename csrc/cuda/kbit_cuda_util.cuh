@@ -1,6 +1,6 @@
 /*
  * Device-side load/store of kbit's element types and the launch/status helpers of every CUDA entry
- * point (kbit_cuda.cu, gemv.cu, adam.cu).
+ * point (kbit_cuda.cu, gemv.cu, adam.cu): every kernel is launched through cuda_util::launch.
  */
 #ifndef KBIT_CUDA_KBIT_CUDA_UTIL_CUH_
 #define KBIT_CUDA_KBIT_CUDA_UTIL_CUH_
@@ -36,7 +36,26 @@ __device__ __forceinline__ void store(void* p, int64_t i, float v) {
 const int64_t kMaxGrid = 65535;
 
 inline unsigned grid_for(int64_t work_items) {
-  return (unsigned)(work_items < 1 ? 1 : (work_items < kMaxGrid ? work_items : kMaxGrid));
+#if defined(KBIT_CUDA_EMULATION)
+  /* The test harness lowers the cap (e.g. to 1 or 3 blocks) to exercise the grid-stride loops. */
+  const int64_t cap = kbit_emu::grid_cap() < kMaxGrid ? kbit_emu::grid_cap() : kMaxGrid;
+#else
+  const int64_t cap = kMaxGrid;
+#endif
+  return (unsigned)(work_items < 1 ? 1 : (work_items < cap ? work_items : cap));
+}
+
+/* The one kernel launch of the library: Kernel<<<grid, block, 0, stream>>>(args...), no dynamic
+ * shared memory. Built by the CUDA execution harness (tests/cuda_emu, KBIT_CUDA_EMULATION), the
+ * harness runs the kernel's blocks and threads on the host instead. */
+template <auto Kernel, typename... Args>
+inline void launch(dim3 grid, dim3 block, cudaStream_t stream, Args... args) {
+#if defined(KBIT_CUDA_EMULATION)
+  (void)stream;
+  kbit_emu::launch(kbit_emu::kernel_name(__PRETTY_FUNCTION__), grid, block, [&] { Kernel(args...); });
+#else
+  Kernel<<<grid, block, 0, stream>>>(args...);
+#endif
 }
 
 template <int D>
