@@ -6,6 +6,7 @@
     nox -s build -- --staged          CI's fan-in job: the wheels from the libraries already in build/stage/
     nox -s tests                      the test suite against the wheel in dist/
     nox -s lint                       ruff, the CI workflow (up to date, schema, zizmor), hadolint
+    nox -s gpu                        on a GPU machine: every bundled CUDA library validated, a report
 
 `nox -s build` writes the fat wheel to dist/, the slim per-CUDA wheels to dist/slim/ and the build
 report to dist/report.md + dist/report.png.
@@ -249,6 +250,16 @@ def lint(session: nox.Session) -> None:
     session.run("zizmor", "--offline", ".github/workflows/")
     dockerfiles = sorted(str(p.relative_to(REPO)) for p in (REPO / "docker").glob("*.Dockerfile"))
     session.run("hadolint", "--config", ".hadolint.yaml", *dockerfiles)
+
+
+@nox.session(python=False, default=False)
+def gpu(session: nox.Session) -> None:
+    """On a machine with an NVIDIA GPU and the wheel in dist/: every bundled CUDA library validated on
+    the device (tests/gpu_check.py: the CUDA tests per library, the harness's kernel calls, PTX JIT,
+    compute-sanitizer, benchmarks against bitsandbytes), report in dist/gpu/gpu-report.md. No venv:
+    it runs with this interpreter's CUDA build of torch. `-- --emulated` runs every step against the
+    emulated CUDA library instead (no GPU needed)."""
+    session.run(sys.executable, str(REPO / "tests" / "gpu_check.py"), *session.posargs, external=True)
 
 
 @nox.session(python=PYTHON, default=False)
