@@ -100,7 +100,7 @@ def reference_step(st: State, g: torch.Tensor, *, lr=1e-3, beta1=0.9, beta2=0.99
     else:
         gv = gv + wd32 * p
     m = b1 * m + f32(1.0 - b1) * gv
-    v = b2 * v + f32(1.0 - b2) * (gv * gv)
+    v = b2 * v + (f32(1.0 - b2) * gv) * gv
     step_size = f32(lr32 / (1.0 - b1**step))
     bias2_sqrt = f32(math.sqrt(1.0 - b2**step))
     # IEEE sqrt (torch's float32 sqrt is not always correctly rounded; sqrt in double then rounded is), and

@@ -7,7 +7,8 @@
  *   g  = g * gnorm_scale
  *   Adam:  g = g + weight_decay * p       AdamW: p = p * decay            (decay = 1 - lr * weight_decay)
  *   m  = beta1 * m + (1 - beta1) * g
- *   v  = beta2 * v + (1 - beta2) * g * g
+ *   v  = beta2 * v + ((1 - beta2) * g) * g   (torch's addcmul order: v stays finite for |g| up to
+ *                                            sqrt(FLT_MAX / (1 - beta2)), as torch's does)
  *   p  = p - step_size * (m / (sqrt(v) / bias2_sqrt + eps))
  * with step_size = lr / (1 - beta1^step) and bias2_sqrt = sqrt(1 - beta2^step), computed once per call
  * in double and rounded to float32 (kbit_adam_params). sqrt(v) / bias2_sqrt equals sqrt(v / (1 -
@@ -82,7 +83,7 @@ KBIT_HD void kbit_adam_moments(const KbitAdamParams* q, float* p, float g, float
   g = KBIT_FADD(g, KBIT_FMUL(q->weight_decay, pv)); /* weight_decay is 0 for AdamW: g + 0 * p = g for finite p */
   *p = KBIT_FMUL(pv, q->decay);                     /* decay is 1 for Adam */
   *m = KBIT_FADD(KBIT_FMUL(q->beta1, *m), KBIT_FMUL(q->one_minus_beta1, g));
-  *v = KBIT_FADD(KBIT_FMUL(q->beta2, *v), KBIT_FMUL(q->one_minus_beta2, KBIT_FMUL(g, g)));
+  *v = KBIT_FADD(KBIT_FMUL(q->beta2, *v), KBIT_FMUL(KBIT_FMUL(q->one_minus_beta2, g), g));
 }
 
 /* Second half: the parameter after the update, from the (decayed) p, the new m and sqrt(new v). */

@@ -88,6 +88,10 @@ KBIT_API const char* kbit_status_string(int status);
  * Edge cases, also as bitsandbytes: NaN values are ignored by absmax and get code 0; a block whose
  * absmax is 0 gets code 0 everywhere (0/0 is NaN), which dequantizes to (-)0. inf makes the block's
  * absmax inf. The call still succeeds in all these cases.
+ * One known exception to the bit-compatibility: in a block whose absmax is subnormal (below 1.2e-38),
+ * bitsandbytes' CPU kernel multiplies by 1 / absmax, which overflows to inf, and gives codes of +/-1
+ * or 0; kbit divides, and its codes are those of the true ratios (e.g. absmax 9e-41 with values 9e-41,
+ * 4e-41, 0: kbit 255, 215, 131; bitsandbytes 255, 255, 0).
  * absmax must have room for ceil(n / blocksize) floats, out for n bytes.
  */
 KBIT_API int kbit_quantize_blockwise_8bit(int dtype, const void* A, const float* code, uint8_t* out,
@@ -152,7 +156,8 @@ KBIT_API int kbit_gemv_4bit(int dtype, int quant_type, const void* A, const uint
  *   g  = g * gnorm_scale                       (gnorm_scale = 1: no gradient scaling)
  *   Adam:  g += weight_decay * p               AdamW: p *= 1 - lr * weight_decay
  *   m  = beta1 * m + (1 - beta1) * g           (m, v dequantized: qmap[code] * absmax of the block)
- *   v  = beta2 * v + (1 - beta2) * g * g
+ *   v  = beta2 * v + ((1 - beta2) * g) * g   (in this order, as torch's Adam: v stays finite for
+ *                                              |g| up to ~5.8e20 at beta2 = 0.999)
  *   p -= lr * (m / (1 - beta1^step)) / (sqrt(v / (1 - beta2^step)) + eps)
  * the last line evaluated as torch.optim.Adam does: p -= step_size * (m / (sqrt(v) / bias2_sqrt + eps))
  * with step_size = lr / (1 - beta1^step) and bias2_sqrt = sqrt(1 - beta2^step) computed in double

@@ -55,10 +55,18 @@ def _check_hyper(lr: Any, betas: Any, eps: Any, weight_decay: Any, min_8bit_size
         raise ValueError(f"min_8bit_size must be a positive int, got {min_8bit_size!r}")
 
 
+_MAX_STEP = 2**31 - 1  # the kernel's step is an int32
+
+
 def _check_step(group: dict[str, Any], step: int, decoupled: bool) -> None:
-    """The group's settings (a scheduler may have changed them) and the step's float32 constants,
-    lr / (1 - beta1^step) and AdamW's 1 - lr * weight_decay, which the kernel refuses when they overflow."""
+    """The group's settings (a scheduler, or a user, may have changed them since construction), the
+    step count (as loaded from a state dict, too) and the step's float32 constants, lr / (1 - beta1^step)
+    and AdamW's 1 - lr * weight_decay, which the kernel refuses when they overflow. Both paths, 8-bit
+    and float32, step only with values that pass."""
     _check_hyper(group["lr"], group["betas"], group["eps"], group["weight_decay"], group["min_8bit_size"])
+    if isinstance(step, bool) or not isinstance(step, int) or not 1 <= step <= _MAX_STEP:
+        raise ValueError(f"the step count must be an int in [1, 2**31), got {step!r} (a loaded state dict's "
+                         "'step' is counted on from)")
     lr, wd, beta1 = _f32(group["lr"]), _f32(group["weight_decay"]), _f32(group["betas"][0])
     step_size = lr / (1.0 - beta1**step)
     decay = 1.0 - lr * wd if decoupled else 1.0
@@ -76,6 +84,19 @@ class _Adam8bitBase(torch.optim.Optimizer):
         # min_8bit_size is a group setting, so that it travels with state_dict() and pickling.
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay,
                                   "min_8bit_size": min_8bit_size})
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch's add_param_group, refusing parameters Adam's real-valued arithmetic cannot step
+        (complex or integer tensors) with a TypeError, before any state exists."""
+        params = param_group["params"]
+        if not isinstance(params, (torch.Tensor, set)):  # a generator is read once: keep what it gave
+            params = list(params)
+            param_group = {**param_group, "params": params}
+        for p in [params] if isinstance(params, torch.Tensor) else params:
+            if isinstance(p, torch.Tensor) and not p.is_floating_point():
+                raise TypeError(f"{type(self).__name__} steps real floating-point parameters; got one of dtype "
+                                f"{p.dtype} (complex parameters: view them as real with torch.view_as_real)")
+        super().add_param_group(param_group)
 
     @staticmethod
     def _uses_8bit(p: torch.Tensor, group: dict[str, Any]) -> bool:
@@ -107,12 +128,19 @@ class _Adam8bitBase(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                if p.grad.is_sparse:
-                    raise TypeError(f"{type(self).__name__} does not support sparse gradients")
+                if p.grad.layout != torch.strided:
+                    raise TypeError(f"{type(self).__name__} does not support sparse gradients (got a "
+                                    f"{str(p.grad.layout).removeprefix('torch.')} one)")
+                if p.grad.is_complex() or not p.is_floating_point():
+                    raise TypeError(f"{type(self).__name__} steps real floating-point parameters; got a {p.dtype} "
+                                    f"parameter with a {p.grad.dtype} gradient")
                 state = self.state[p]
                 if not state:
                     self._init_state(p, state, group)
-                state["step"] += 1
+                step = state["step"]
+                step = step + 1 if isinstance(step, int) and not isinstance(step, bool) else step
+                _check_step(group, step, self._decoupled)
+                state["step"] = step
                 if "state1" in state:
                     self._step_8bit(p, state, group)
                 else:
@@ -120,7 +148,6 @@ class _Adam8bitBase(torch.optim.Optimizer):
         return loss
 
     def _step_8bit(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
-        _check_step(group, state["step"], self._decoupled)
         beta1, beta2 = group["betas"]
         work = p.detach() if p.is_contiguous() else p.detach().contiguous()
         grad = p.grad.detach().to(p.dtype).contiguous()  # type: ignore[union-attr]
@@ -133,8 +160,10 @@ class _Adam8bitBase(torch.optim.Optimizer):
             p.copy_(work)
 
     def _step_torch(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
-        beta1, beta2 = group["betas"]
-        lr, wd, step = group["lr"], group["weight_decay"], state["step"]
+        """torch.optim.Adam(W)'s step, in its order: sqrt(v) / sqrt(1 - beta2^step), never v / (1 -
+        beta2^step) first, which overflows for gradients torch's Adam survives."""
+        beta1, beta2 = (float(b) for b in group["betas"])
+        lr, wd, eps, step = float(group["lr"]), float(group["weight_decay"]), float(group["eps"]), state["step"]
         m, v = state["exp_avg"], state["exp_avg_sq"]
         param = p.detach().to(m.dtype)  # p itself when it is float32
         grad = p.grad.detach().to(m.dtype)  # type: ignore[union-attr]
@@ -144,7 +173,7 @@ class _Adam8bitBase(torch.optim.Optimizer):
             grad = grad + wd * param
         m.mul_(beta1).add_(grad, alpha=1.0 - beta1)
         v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-        denom = (v / (1.0 - beta2**step)).sqrt_().add_(group["eps"])
+        denom = (v.sqrt() / math.sqrt(1.0 - beta2**step)).add_(eps)
         param.addcdiv_(m, denom, value=-lr / (1.0 - beta1**step))
         if param.data_ptr() != p.data_ptr():
             p.copy_(param)
