@@ -123,7 +123,7 @@ AB = torch.ones(60)
         ("quantize_blockwise", (W, F.create_dynamic_map(), 32), ValueError, "power of two in [64, 4096]"),
         ("quantize_blockwise", (W, F.create_dynamic_map()[:-1], 64), ValueError, "code must hold 256 elements"),
         ("dequantize_blockwise", (U8, F.create_dynamic_map(), torch.ones(30), 64, torch.int32), TypeError,
-         "out must be torch.float32, torch.float16 or torch.bfloat16"),
+         "dtype must be torch.float32, torch.float16 or torch.bfloat16"),
         ("dequantize_blockwise", (U8, F.create_dynamic_map(), torch.ones(29), 64, torch.float32), ValueError,
          "absmax must hold 30 elements"),
         ("dequantize_4bit", (U8, AB, 64, "nf4", [48, 81], torch.float32), ValueError,
@@ -160,7 +160,7 @@ def _adam_args(**changes):
     "changes,error,message",
     [
         ({"p": torch.zeros(1000, dtype=torch.float64), "g": torch.zeros(1000, dtype=torch.float64)}, TypeError,
-         "p must be torch.float32 or torch.float16 or torch.bfloat16"),
+         "p must be torch.float32, torch.float16 or torch.bfloat16"),
         ({"g": torch.zeros(1000).half()}, TypeError, "g must be torch.float32"),
         ({"g": torch.zeros(999)}, ValueError, "g must hold 1000 elements"),
         ({"state1": torch.zeros(1000)}, TypeError, "state1 must be torch.uint8"),

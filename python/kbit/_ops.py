@@ -12,6 +12,7 @@ sizes), since they can also be called directly as `torch.ops.kbit.<name>`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, Callable, Optional, TypeVar
 
@@ -45,11 +46,24 @@ def _define(schema: str, differentiable: bool = False) -> Callable[[_Fn], _Fn]:
         _LIB.define(schema)
         for key in ("CPU", "CUDA"):
             _LIB.impl(name, impl, key)
+        for key in _OTHER_LAYOUTS:  # a TypeError from kbit, not the dispatcher's NotImplementedError
+            _LIB.impl(name, _refuse_layout, key)
         if not differentiable:
             _LIB.impl(name, torch.library.fallthrough_kernel, "Autograd")
         return impl
 
     return register
+
+
+_OTHER_LAYOUTS = ("SparseCPU", "SparseCUDA", "SparseCsrCPU", "SparseCsrCUDA", "MkldnnCPU", "NestedTensorCPU",
+                  "NestedTensorCUDA")
+
+
+def _refuse_layout(*args: Any, **kwargs: Any) -> Any:
+    for i, a in enumerate([*args, *kwargs.values()]):
+        if isinstance(a, torch.Tensor) and (a.is_nested or a.layout != torch.strided):
+            _check(a, f"tensor argument {i}", a.device, (a.dtype,))
+    raise TypeError("kbit operators take dense (strided) tensors only")
 
 
 def _fake(name: str) -> Callable[[_Fn], _Fn]:
@@ -94,18 +108,39 @@ class _on_device:
             self._ctx.__exit__(*exc)
 
 
-def _guard(t: torch.Tensor, name: str, device: torch.device, dtypes: Sequence[torch.dtype],
-           numel: Optional[int] = None) -> int:
-    """The last line of defence before a pointer goes to native code; returns t.data_ptr()."""
+def _check(t: Any, name: str, device: torch.device, dtypes: Sequence[torch.dtype], numel: Optional[Any] = None) -> None:
+    """What every tensor must be before native code gets its pointer: checked by the operator and by its
+    fake implementation alike, before anything is allocated."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if t.is_nested or t.layout != torch.strided:
+        layout = "nested" if t.is_nested else str(t.layout).removeprefix("torch.")
+        raise TypeError(f"{name} must be a dense (strided) tensor, got a {layout} one: convert it with .to_dense()")
     if t.dtype not in dtypes:
-        raise TypeError(f"{name} must be {' or '.join(map(str, dtypes))}, got {t.dtype}")
+        names = [str(d) for d in dtypes]
+        allowed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+        raise TypeError(f"{name} must be {allowed}, got {t.dtype}")
     if t.device != device:
         raise ValueError(f"{name} is on {t.device}, the other tensors on {device}: move them to one device")
     if not t.is_contiguous():
         raise ValueError(f"{name} is not contiguous: call {name}.contiguous() first")
     if numel is not None and t.numel() != numel:
         raise ValueError(f"{name} must hold {numel} elements, got {t.numel()}")
-    return t.data_ptr()
+
+
+def _count(value: Any, name: str) -> Any:
+    """A count (int or SymInt) >= 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+def _shape(shape: Any) -> tuple[Any, ...]:
+    if not isinstance(shape, (list, tuple, torch.Size)):
+        raise TypeError(f"shape must be a list of ints, got {type(shape).__name__}")
+    return tuple(_count(d, "every shape dimension") for d in shape)
 
 
 def _float_dtype(dtype: torch.dtype, name: str) -> int:
@@ -122,6 +157,8 @@ def _quant_type(quant_type: str) -> int:
 
 def _blocksize(blocksize: int, low: int) -> int:
     """A power of two in [low, 4096] (kbit.h's KBIT_BLOCKWISE{8,4}_{MIN,MAX}_BLOCKSIZE)."""
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int):
+        raise TypeError(f"blocksize must be an int, got {type(blocksize).__name__}")
     if not low <= blocksize <= 4096 or blocksize & (blocksize - 1):
         raise ValueError(f"blocksize must be a power of two in [{low}, 4096], got {blocksize}")
     return blocksize
@@ -137,15 +174,23 @@ _FLOATS = tuple(DTYPE_CODES)
 
 
 # --- 8-bit blockwise ----------------------------------------------------------------------------------
+# Each operator's _check_<name> runs first in the operator and in its fake implementation.
+
+
+def _check_quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int) -> None:
+    _blocksize(blocksize, 64)
+    _check(A, "A", A.device if isinstance(A, torch.Tensor) else None, _FLOATS)
+    _check(code, "code", A.device, _F32, 256)
 
 
 @_define("quantize_blockwise(Tensor A, Tensor code, int blocksize) -> (Tensor, Tensor)")
 def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    out = torch.empty(A.shape, dtype=torch.uint8, device=A.device)
-    absmax = torch.empty(_blocks(A.numel(), _blocksize(blocksize, 64)), dtype=torch.float32, device=A.device)
+    _check_quantize_blockwise(A, code, blocksize)
     dev = A.device
-    args = (_float_dtype(A.dtype, "A"), _guard(A, "A", dev, _FLOATS), _guard(code, "code", dev, _F32, 256),
-            out.data_ptr(), absmax.data_ptr(), A.numel(), blocksize)
+    out = torch.empty(A.shape, dtype=torch.uint8, device=dev)
+    absmax = torch.empty(_blocks(A.numel(), blocksize), dtype=torch.float32, device=dev)
+    args = (_float_dtype(A.dtype, "A"), A.data_ptr(), code.data_ptr(), out.data_ptr(), absmax.data_ptr(), A.numel(),
+            blocksize)
     with _on_device(dev):
         _library(dev).quantize_blockwise_8bit(*args, _stream(dev))
     return out, absmax
@@ -153,16 +198,27 @@ def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int) -> t
 
 @_fake("quantize_blockwise")
 def _(A: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_quantize_blockwise(A, code, blocksize)
     return (A.new_empty(A.shape, dtype=torch.uint8),
             A.new_empty(_blocks(A.numel(), blocksize), dtype=torch.float32))
+
+
+def _check_dequantize_blockwise(codes: torch.Tensor, code: torch.Tensor, absmax: torch.Tensor, blocksize: int,
+                                dtype: torch.dtype, out: Optional[torch.Tensor] = None) -> None:
+    _blocksize(blocksize, 64)
+    _float_dtype(dtype, "out" if out is not None else "dtype")
+    _check(codes, "codes", codes.device if isinstance(codes, torch.Tensor) else None, _U8)
+    dev, n = codes.device, codes.numel()
+    _check(code, "code", dev, _F32, 256)
+    _check(absmax, "absmax", dev, _F32, _blocks(n, blocksize))
+    if out is not None:
+        _check(out, "out", dev, _FLOATS, n)
 
 
 def _dequantize_blockwise_into(codes: torch.Tensor, code: torch.Tensor, absmax: torch.Tensor, blocksize: int,
                                out: torch.Tensor) -> None:
     dev, n = codes.device, codes.numel()
-    _blocksize(blocksize, 64)
-    args = (_float_dtype(out.dtype, "out"), _guard(codes, "codes", dev, _U8), _guard(code, "code", dev, _F32, 256),
-            _guard(absmax, "absmax", dev, _F32, _blocks(n, blocksize)), _guard(out, "out", dev, _FLOATS, n),
+    args = (_float_dtype(out.dtype, "out"), codes.data_ptr(), code.data_ptr(), absmax.data_ptr(), out.data_ptr(),
             n, blocksize)
     with _on_device(dev):
         _library(dev).dequantize_blockwise_8bit(*args, _stream(dev))
@@ -172,6 +228,7 @@ def _dequantize_blockwise_into(codes: torch.Tensor, code: torch.Tensor, absmax: 
          "-> Tensor")
 def dequantize_blockwise(codes: torch.Tensor, code: torch.Tensor, absmax: torch.Tensor, blocksize: int,
                          dtype: torch.dtype) -> torch.Tensor:
+    _check_dequantize_blockwise(codes, code, absmax, blocksize, dtype)
     out = torch.empty(codes.shape, dtype=dtype, device=codes.device)
     _dequantize_blockwise_into(codes, code, absmax, blocksize, out)
     return out
@@ -180,6 +237,7 @@ def dequantize_blockwise(codes: torch.Tensor, code: torch.Tensor, absmax: torch.
 @_fake("dequantize_blockwise")
 def _(codes: torch.Tensor, code: torch.Tensor, absmax: torch.Tensor, blocksize: int,
       dtype: torch.dtype) -> torch.Tensor:
+    _check_dequantize_blockwise(codes, code, absmax, blocksize, dtype)
     return codes.new_empty(codes.shape, dtype=dtype)
 
 
@@ -187,24 +245,38 @@ def _(codes: torch.Tensor, code: torch.Tensor, absmax: torch.Tensor, blocksize: 
          "-> ()")
 def dequantize_blockwise_out(codes: torch.Tensor, code: torch.Tensor, absmax: torch.Tensor, blocksize: int,
                              out: torch.Tensor) -> None:
+    _check_dequantize_blockwise(codes, code, absmax, blocksize, _out_dtype(out), out)
     _dequantize_blockwise_into(codes, code, absmax, blocksize, out)
 
 
 @_fake("dequantize_blockwise_out")
 def _(codes: torch.Tensor, code: torch.Tensor, absmax: torch.Tensor, blocksize: int, out: torch.Tensor) -> None:
-    return None
+    _check_dequantize_blockwise(codes, code, absmax, blocksize, _out_dtype(out), out)
+
+
+def _out_dtype(out: Any) -> torch.dtype:
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a tensor, got {type(out).__name__}")
+    return out.dtype
 
 
 # --- 4-bit NF4 / FP4 ----------------------------------------------------------------------------------
 
 
+def _check_quantize_4bit(A: torch.Tensor, blocksize: int, quant_type: str) -> None:
+    _blocksize(blocksize, 32)
+    _quant_type(quant_type)
+    _check(A, "A", A.device if isinstance(A, torch.Tensor) else None, _FLOATS)
+
+
 @_define("quantize_4bit(Tensor A, int blocksize, str quant_type) -> (Tensor, Tensor)")
 def quantize_4bit(A: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_quantize_4bit(A, blocksize, quant_type)
     n, dev = A.numel(), A.device
     packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=dev)
-    absmax = torch.empty(_blocks(n, _blocksize(blocksize, 32)), dtype=torch.float32, device=dev)
-    args = (_float_dtype(A.dtype, "A"), _quant_type(quant_type), _guard(A, "A", dev, _FLOATS), packed.data_ptr(),
-            absmax.data_ptr(), n, blocksize)
+    absmax = torch.empty(_blocks(n, blocksize), dtype=torch.float32, device=dev)
+    args = (_float_dtype(A.dtype, "A"), _quant_type(quant_type), A.data_ptr(), packed.data_ptr(), absmax.data_ptr(),
+            n, blocksize)
     with _on_device(dev):
         _library(dev).quantize_4bit(*args, _stream(dev))
     return packed, absmax
@@ -212,18 +284,28 @@ def quantize_4bit(A: torch.Tensor, blocksize: int, quant_type: str) -> tuple[tor
 
 @_fake("quantize_4bit")
 def _(A: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_quantize_4bit(A, blocksize, quant_type)
     n = A.numel()
     return (A.new_empty(((n + 1) // 2, 1), dtype=torch.uint8),
             A.new_empty(_blocks(n, blocksize), dtype=torch.float32))
 
 
+def _check_dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str, n: Any,
+                           dtype: torch.dtype, out: Optional[torch.Tensor] = None) -> None:
+    _blocksize(blocksize, 32)
+    _quant_type(quant_type)
+    _float_dtype(dtype, "out" if out is not None else "dtype")
+    _check(packed, "packed", packed.device if isinstance(packed, torch.Tensor) else None, _U8, (n + 1) // 2)
+    _check(absmax, "absmax", packed.device, _F32, _blocks(n, blocksize))
+    if out is not None:
+        _check(out, "out", packed.device, _FLOATS)
+
+
 def _dequantize_4bit_into(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str,
                           out: torch.Tensor) -> None:
     dev, n = packed.device, out.numel()
-    _blocksize(blocksize, 32)
-    args = (_float_dtype(out.dtype, "out"), _quant_type(quant_type),
-            _guard(packed, "packed", dev, _U8, (n + 1) // 2), _guard(absmax, "absmax", dev, _F32, _blocks(n, blocksize)),
-            _guard(out, "out", dev, _FLOATS), n, blocksize)
+    args = (_float_dtype(out.dtype, "out"), _quant_type(quant_type), packed.data_ptr(), absmax.data_ptr(),
+            out.data_ptr(), n, blocksize)
     with _on_device(dev):
         _library(dev).dequantize_4bit(*args, _stream(dev))
 
@@ -232,7 +314,9 @@ def _dequantize_4bit_into(packed: torch.Tensor, absmax: torch.Tensor, blocksize:
          "ScalarType dtype) -> Tensor")
 def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str,
                     shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
-    out = torch.empty(tuple(shape), dtype=dtype, device=packed.device)
+    dims = _shape(shape)
+    _check_dequantize_4bit(packed, absmax, blocksize, quant_type, math.prod(dims), dtype)
+    out = torch.empty(dims, dtype=dtype, device=packed.device)
     _dequantize_4bit_into(packed, absmax, blocksize, quant_type, out)
     return out
 
@@ -240,18 +324,39 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, 
 @_fake("dequantize_4bit")
 def _(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str, shape: Sequence[int],
       dtype: torch.dtype) -> torch.Tensor:
-    return packed.new_empty(tuple(shape), dtype=dtype)
+    dims = _shape(shape)
+    _check_dequantize_4bit(packed, absmax, blocksize, quant_type, math.prod(dims), dtype)
+    return packed.new_empty(dims, dtype=dtype)
 
 
 @_define("dequantize_4bit_out(Tensor packed, Tensor absmax, int blocksize, str quant_type, Tensor(a!) out) -> ()")
 def dequantize_4bit_out(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str,
                         out: torch.Tensor) -> None:
+    _check_dequantize_4bit(packed, absmax, blocksize, quant_type, _out_numel(out), _out_dtype(out), out)
     _dequantize_4bit_into(packed, absmax, blocksize, quant_type, out)
 
 
 @_fake("dequantize_4bit_out")
 def _(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str, out: torch.Tensor) -> None:
-    return None
+    _check_dequantize_4bit(packed, absmax, blocksize, quant_type, _out_numel(out), _out_dtype(out), out)
+
+
+def _out_numel(out: Any) -> Any:
+    return out.numel() if isinstance(out, torch.Tensor) else 0
+
+
+def _check_gemv_4bit(A: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, bias: Optional[torch.Tensor],
+                     n_out: Any, k_in: Any, blocksize: int, quant_type: str) -> None:
+    _count(n_out, "n_out")
+    _count(k_in, "k_in")
+    _blocksize(blocksize, 32)
+    _quant_type(quant_type)
+    _check(A, "A", A.device if isinstance(A, torch.Tensor) else None, _FLOATS, k_in)
+    n = n_out * k_in
+    _check(packed, "packed", A.device, _U8, (n + 1) // 2)
+    _check(absmax, "absmax", A.device, _F32, _blocks(n, blocksize))
+    if bias is not None:
+        _check(bias, "bias", A.device, (A.dtype,), n_out)
 
 
 @_define("gemv_4bit(Tensor A, Tensor packed, Tensor absmax, Tensor? bias, SymInt n_out, SymInt k_in, "
@@ -259,13 +364,11 @@ def _(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: st
 def gemv_4bit(A: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, bias: Optional[torch.Tensor],
               n_out: int, k_in: int, blocksize: int, quant_type: str) -> torch.Tensor:
     """out = W' A (+ bias) for one row A of k_in values and the (n_out, k_in) weight W quantized flat."""
-    dev, n = A.device, n_out * k_in
-    _blocksize(blocksize, 32)
+    _check_gemv_4bit(A, packed, absmax, bias, n_out, k_in, blocksize, quant_type)
+    dev = A.device
     out = torch.empty((*A.shape[:-1], n_out), dtype=A.dtype, device=dev)
-    bias_ptr = None if bias is None else _guard(bias, "bias", dev, (A.dtype,), n_out)
-    args = (_float_dtype(A.dtype, "A"), _quant_type(quant_type), _guard(A, "A", dev, _FLOATS, k_in),
-            _guard(packed, "packed", dev, _U8, (n + 1) // 2), _guard(absmax, "absmax", dev, _F32, _blocks(n, blocksize)),
-            bias_ptr, out.data_ptr(), n_out, k_in, blocksize)
+    args = (_float_dtype(A.dtype, "A"), _quant_type(quant_type), A.data_ptr(), packed.data_ptr(), absmax.data_ptr(),
+            None if bias is None else bias.data_ptr(), out.data_ptr(), n_out, k_in, blocksize)
     with _on_device(dev):
         _library(dev).gemv_4bit(*args, _stream(dev))
     return out
@@ -274,6 +377,7 @@ def gemv_4bit(A: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, bias:
 @_fake("gemv_4bit")
 def _(A: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, bias: Optional[torch.Tensor], n_out: int,
       k_in: int, blocksize: int, quant_type: str) -> torch.Tensor:
+    _check_gemv_4bit(A, packed, absmax, bias, n_out, k_in, blocksize, quant_type)
     return A.new_empty((*A.shape[:-1], n_out))
 
 
@@ -303,6 +407,22 @@ torch.library.register_autograd("kbit::gemv_4bit", _gemv_backward, setup_context
 # --- 8-bit Adam ---------------------------------------------------------------------------------------
 
 
+def _check_adam(p: torch.Tensor, g: torch.Tensor, state1: torch.Tensor, state2: torch.Tensor, absmax1: torch.Tensor,
+                absmax2: torch.Tensor, qmap1: torch.Tensor, qmap2: torch.Tensor, step: int) -> None:
+    if isinstance(step, bool) or not isinstance(step, int) or not 1 <= step < 2**31:
+        raise ValueError(f"step must be in [1, 2**31), got {step}")
+    _check(p, "p", p.device if isinstance(p, torch.Tensor) else None, _FLOATS)
+    dev, n = p.device, p.numel()
+    blocks = _blocks(n, OPTIM8_BLOCKSIZE)
+    _check(g, "g", dev, (p.dtype,), n)
+    for t, name in ((state1, "state1"), (state2, "state2")):
+        _check(t, name, dev, _U8, n)
+    for t, name in ((absmax1, "absmax1"), (absmax2, "absmax2")):
+        _check(t, name, dev, _F32, blocks)
+    for t, name in ((qmap1, "qmap1"), (qmap2, "qmap2")):
+        _check(t, name, dev, _F32, 256)
+
+
 @_define("adam_8bit_blockwise(Tensor(a!) p, Tensor g, Tensor(b!) state1, Tensor(c!) state2, Tensor(d!) absmax1, "
          "Tensor(e!) absmax2, Tensor qmap1, Tensor qmap2, float beta1, float beta2, float eps, "
          "float weight_decay, float lr, int step, float gnorm_scale, bool decoupled) -> ()")
@@ -312,21 +432,16 @@ def adam_8bit_blockwise(p: torch.Tensor, g: torch.Tensor, state1: torch.Tensor, 
                         gnorm_scale: float, decoupled: bool) -> None:
     """One in-place 8-bit blockwise Adam (decoupled=False) or AdamW (True) step of kbit.h's
     kbit_adam_8bit_blockwise; `step` >= 1 counts this step."""
-    dev, n = p.device, p.numel()
-    if not 1 <= step < 2**31:
-        raise ValueError(f"step must be in [1, 2**31), got {step}")
-    blocks = _blocks(n, OPTIM8_BLOCKSIZE)
-    ptrs = (_guard(p, "p", dev, _FLOATS), _guard(g, "g", dev, (p.dtype,), n), _guard(state1, "state1", dev, _U8, n),
-            _guard(state2, "state2", dev, _U8, n), _guard(absmax1, "absmax1", dev, _F32, blocks),
-            _guard(absmax2, "absmax2", dev, _F32, blocks), _guard(qmap1, "qmap1", dev, _F32, 256),
-            _guard(qmap2, "qmap2", dev, _F32, 256))
+    _check_adam(p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, step)
+    dev = p.device
+    ptrs = tuple(t.data_ptr() for t in (p, g, state1, state2, absmax1, absmax2, qmap1, qmap2))
     with _on_device(dev):
         _library(dev).adam_8bit_blockwise(_float_dtype(p.dtype, "p"), *ptrs, beta1, beta2, eps, weight_decay, lr,
-                                          step, gnorm_scale, decoupled, n, _stream(dev))
+                                          step, gnorm_scale, decoupled, p.numel(), _stream(dev))
 
 
 @_fake("adam_8bit_blockwise")
 def _(p: torch.Tensor, g: torch.Tensor, state1: torch.Tensor, state2: torch.Tensor, absmax1: torch.Tensor,
       absmax2: torch.Tensor, qmap1: torch.Tensor, qmap2: torch.Tensor, beta1: float, beta2: float, eps: float,
       weight_decay: float, lr: float, step: int, gnorm_scale: float, decoupled: bool) -> None:
-    return None
+    _check_adam(p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, step)
