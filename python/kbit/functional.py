@@ -311,11 +311,11 @@ class QuantState4bit:
     def from_dict(cls, qs_dict: Mapping[str, Any], device: object = "cpu") -> QuantState4bit:
         """The state `as_dict` (kbit's or bitsandbytes') wrote, with its tensors moved to `device`.
         Keys may carry a prefix ("weight.absmax"); a missing, unknown or malformed item is a ValueError."""
-        return _state_from_dict(qs_dict, torch.device(device))  # type: ignore[arg-type]
+        return _state_from_dict(qs_dict, _parse_device(device))
 
     def to(self, device: object) -> QuantState4bit:
         """This state with its tensors on `device`."""
-        dev = torch.device(device)  # type: ignore[arg-type]
+        dev = _parse_device(device)
         state2 = None if self.state2 is None else dataclasses.replace(
             self.state2, absmax=self.state2.absmax.to(dev), code=self.state2.code.to(dev))
         offset = None if self.offset is None else self.offset.to(dev)
@@ -323,9 +323,23 @@ class QuantState4bit:
                                    state2=state2)
 
 
+def _parse_device(device: object, name: str = "device") -> torch.device:
+    """torch.device(device), with a ValueError naming the argument instead of torch's RuntimeError."""
+    if isinstance(device, torch.device):
+        return device
+    if not isinstance(device, (str, int)) or isinstance(device, bool):
+        raise TypeError(f"{name} must be a torch.device, a string such as 'cuda:0' or an index, "
+                        f"got {type(device).__name__}")
+    try:
+        return torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"{name}={device!r} is not a device: {e}") from None
+
+
 # --- QuantState4bit <-> bitsandbytes' as_dict format ----------------------------------------------------
 
 _PACKED_PREFIX = "quant_state.bitsandbytes__"
+_PACKED_MAX_BYTES = 1 << 16
 _TENSOR_KEYS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 _SCALAR_KEYS = ("quant_type", "blocksize", "dtype", "shape", "nested_blocksize", "nested_dtype", "nested_offset")
 _NESTED_KEYS = ("nested_absmax", "nested_quant_map", "nested_blocksize", "nested_dtype", "nested_offset")
@@ -336,13 +350,19 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _dtype_from_name(name: object, key: str) -> torch.dtype:
-    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    if not isinstance(name, str):  # never repr'd: it may be anything, e.g. a huge tensor
+        raise ValueError(f"quant state item {key!r} must be a string naming float32, float16 or bfloat16, "
+                         f"got {type(name).__name__}")
+    dtype = getattr(torch, name, None) if len(name) <= 32 else None
     if dtype not in _DTYPES:
-        raise ValueError(f"quant state item {key!r} must name float32, float16 or bfloat16, got {name!r}")
+        raise ValueError(f"quant state item {key!r} must name float32, float16 or bfloat16, got {name[:40]!r}")
     return dtype  # type: ignore[return-value]
 
 
 def _state_to_dict(state: QuantState4bit, packed: bool) -> dict[str, Any]:
+    if state.absmax.is_meta or (state.offset is not None and state.offset.is_meta):
+        raise ValueError("a quant state on the meta device has no values to write: move it to a real device "
+                         "(state.to('cpu')) first")
     d: dict[str, Any] = {"quant_type": state.quant_type, "absmax": state.absmax, "blocksize": state.blocksize,
                          "quant_map": state.code, "dtype": _dtype_name(state.dtype), "shape": tuple(state.shape)}
     if state.state2 is not None:
@@ -372,10 +392,13 @@ def _unpack_items(qs_dict: Mapping[str, Any]) -> dict[str, Any]:
         if key in packed:
             if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8 or value.dim() != 1:
                 raise ValueError(f"{key!r} must be a 1-D uint8 tensor of JSON bytes")
+            if value.numel() > _PACKED_MAX_BYTES or value.is_meta:
+                raise ValueError(f"{key!r} holds {value.numel()} bytes{' on meta' if value.is_meta else ''}: a quant "
+                                 f"state's JSON item is a few hundred bytes (at most {_PACKED_MAX_BYTES} are read)")
             try:
-                scalars = json.loads(bytes(value.cpu().tolist()).decode("utf-8"))
-            except ValueError as e:
-                raise ValueError(f"{key!r} does not hold a JSON object: {e}") from None
+                scalars = json.loads(value.cpu().contiguous().numpy().tobytes().decode("utf-8"))
+            except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+                raise ValueError(f"{key!r} does not hold a JSON object: {type(e).__name__}: {str(e)[:100]}") from None
             if not isinstance(scalars, dict) or scalars.get("quant_type") != key.rsplit("__", 1)[-1]:
                 raise ValueError(f"{key!r} must hold a JSON object whose quant_type matches the key's suffix")
             items.update(scalars)
@@ -397,10 +420,26 @@ def _require(items: Mapping[str, Any], key: str, kind: Any) -> Any:
     return value
 
 
+def _state_shape(value: Any) -> torch.Size:
+    if len(value) > 64 or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**62 for d in value):
+        raise ValueError(f"quant state item 'shape' must be a list of ints >= 0, got {str(value)[:80]}")
+    return torch.Size(value)
+
+
+def _finite_float(value: Any, key: str) -> float:
+    try:
+        f = float(value)
+    except OverflowError:
+        f = math.inf
+    if not (math.isfinite(f) and abs(f) <= 3.4028234663852886e38):  # finite in float32, as it is stored
+        raise ValueError(f"quant state item {key!r} must be a finite float32 number, got {str(value)[:40]}")
+    return f
+
+
 def _state_from_dict(qs_dict: Mapping[str, Any], device: torch.device) -> QuantState4bit:
     items = _unpack_items(qs_dict)
     quant_type = _check_quant_type(_require(items, "quant_type", str))
-    shape = torch.Size(_require(items, "shape", (list, tuple)))  # type: ignore[arg-type]
+    shape = _state_shape(_require(items, "shape", (list, tuple)))
     dtype = _dtype_from_name(_require(items, "dtype", str), "dtype")
     blocksize = _check_blocksize_4bit(_require(items, "blocksize", int))
     absmax = _require(items, "absmax", torch.Tensor).to(device)
@@ -410,7 +449,8 @@ def _state_from_dict(qs_dict: Mapping[str, Any], device: torch.device) -> QuantS
         return QuantState4bit(absmax, shape, dtype, blocksize, quant_type, code)
     if len(present) != len(_NESTED_KEYS):
         raise ValueError(f"a nested quant state needs all of {_NESTED_KEYS}, got only {present}")
-    offset = torch.tensor(float(_require(items, "nested_offset", (int, float))), dtype=torch.float32, device=device)
+    offset = torch.tensor(_finite_float(_require(items, "nested_offset", (int, float)), "nested_offset"),
+                          dtype=torch.float32, device=device)
     nested_absmax = _require(items, "nested_absmax", torch.Tensor).to(device)
     state2 = QuantState8bit(nested_absmax, _require(items, "nested_quant_map", torch.Tensor).to(device),
                             _check_blocksize(_require(items, "nested_blocksize", int)),

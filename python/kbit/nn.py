@@ -127,6 +127,14 @@ class Linear4bit(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Checked before any cast or copy: a mismatched (e.g. expanded, stride-0) input fails at once.
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"Linear4bit expects a tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"Linear4bit expects a floating-point input, got {x.dtype}")
+        if x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"Linear4bit({self.in_features}, {self.out_features}) expects inputs of shape "
+                             f"(..., {self.in_features}), got {tuple(x.shape)}")
         if self.quant_state is None:
             self.quantize_()
         state = self.quant_state
