@@ -12,11 +12,13 @@ architecture number.
 
 from __future__ import annotations
 
+import hashlib
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["ElfError", "ElfInfo", "FatbinArchs", "fatbin_archs", "read_elf"]
+__all__ = ["ElfError", "ElfInfo", "FatbinArchs", "check_loadable", "fatbin_archs", "file_sha256", "load_problem",
+           "read_elf"]
 
 _FATBIN_MAGIC = 0xBA55ED50
 _FATBIN_KIND_PTX = 1
@@ -121,6 +123,50 @@ def _version_needs(blob: bytes, strtab: bytes, count: int) -> dict[str, tuple[st
 def _version_key(version: str) -> tuple[str, tuple[int, ...]]:
     family, _, number = version.partition("_")
     return family, tuple(int(x) for x in number.split(".") if x.isdigit())
+
+
+_PT_LOAD = 1
+
+
+def load_problem(head: bytes, size: int) -> str | None:
+    """Why the dynamic loader must not map this file (None: it may): `head` is the file's first bytes
+    (at least its program headers), `size` its length. A truncated library would be mapped past its
+    end, and the first touch of a missing page kills the process with SIGBUS: dlopen must not see it."""
+    if len(head) < 64 or head[:4] != b"\x7fELF":
+        return "not an ELF file"
+    if head[4] != 2 or head[5] != 1:
+        return "not a little-endian 64-bit ELF file"
+    (e_type,) = struct.unpack_from("<H", head, 0x10)
+    if e_type != 3:  # ET_DYN
+        return "not a shared library"
+    (e_phoff,) = struct.unpack_from("<Q", head, 0x20)
+    e_phentsize, e_phnum = struct.unpack_from("<HH", head, 0x36)
+    if e_phentsize != 56 or e_phnum == 0 or e_phoff + e_phnum * 56 > min(size, len(head)):
+        return f"its program headers lie outside its {size} bytes (truncated?)"
+    for i in range(e_phnum):
+        p_type, _flags, p_offset, _vaddr, _paddr, p_filesz = struct.unpack_from("<IIQQQQ", head, e_phoff + i * 56)
+        if p_type == _PT_LOAD and p_offset + p_filesz > size:
+            return f"a loadable segment ends at byte {p_offset + p_filesz}, the file has {size} (truncated?)"
+    return None
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_loadable(path: str | Path) -> None:
+    """Raises ElfError saying why `path` must not be dlopen'ed (see load_problem)."""
+    p = Path(path)
+    with p.open("rb") as f:
+        size = p.stat().st_size
+        head = f.read(65536)
+    problem = load_problem(head, size)
+    if problem:
+        raise ElfError(f"{path}: {problem}")
 
 
 def read_elf(path: str | Path) -> ElfInfo:

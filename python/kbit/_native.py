@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from ._elf import ElfError, check_loadable, file_sha256
 from ._errors import KbitConfigError, KbitLibraryError, KbitManifestError, KbitNativeError, KbitWarning
 from ._policy import Decision, check_overrides, select
 from ._probes import LibraryEntry, Manifest, Probes, probe_all, probe_manifest
@@ -174,6 +175,15 @@ def open_library(path: Path, entry: Optional[LibraryEntry]) -> NativeLibrary:
             raise KbitLibraryError(f"{path}: {e.strerror or e}") from None
         if size != entry.size:
             raise KbitLibraryError(f"{path}: {size} bytes, the manifest says {entry.size}: the file was replaced")
+    try:
+        check_loadable(path)  # a truncated file would kill the process with SIGBUS inside dlopen
+    except (OSError, ElfError) as e:
+        raise KbitLibraryError(f"{path} cannot be loaded: {e}") from None
+    if entry is not None and entry.sha256:  # the manifest writer always records one
+        digest = file_sha256(path)
+        if digest != entry.sha256:
+            raise KbitLibraryError(f"{path}: sha256 {digest[:16]}..., the manifest says {entry.sha256[:16]}...: "
+                                   "the file was replaced or corrupted; reinstall kbit")
     try:
         handle = ctypes.CDLL(str(path), mode=os.RTLD_LOCAL | os.RTLD_NOW)
     except OSError as e:

@@ -224,10 +224,30 @@ def _forced_version(env: Mapping[str, str], bundled: list[CudaVersion]) -> Optio
     return version
 
 
+MAX_CPU_THREADS = 256
+"""The CPU library's thread cap (csrc/cpu/parallel.cpp's kMaxThreads)."""
+
+
+def _cpu_settings(env: Mapping[str, str]) -> None:
+    """KBIT_NUM_THREADS (a count in [1, 256]) and KBIT_CPU_SIMD ("0" or "1"), which the CPU library
+    reads itself; a value it would silently ignore is a KbitConfigError here."""
+    threads = env.get("KBIT_NUM_THREADS", "").strip()
+    if threads and not (threads.isdigit() and 1 <= int(threads) <= MAX_CPU_THREADS):
+        raise KbitConfigError(f"KBIT_NUM_THREADS={env['KBIT_NUM_THREADS']!r} is not a thread count in "
+                              f"[1, {MAX_CPU_THREADS}]: set one, or unset it (the default: every CPU this "
+                              "process may run on)")
+    simd = env.get("KBIT_CPU_SIMD", "").strip()
+    if simd and simd not in ("0", "1"):
+        raise KbitConfigError(f"KBIT_CPU_SIMD={env['KBIT_CPU_SIMD']!r} is not 0 (portable loops only) or 1 "
+                              "(SIMD kernels where the CPU has them, the default): set one, or unset it")
+
+
 def check_overrides(manifest: Manifest, env: Mapping[str, str]) -> None:
-    """Raise KbitConfigError for a bad KBIT_BACKEND or KBIT_CUDA_VERSION: the CPU library's first use
-    checks them too, so a typo is reported even by a program that never touches a GPU."""
+    """Raise KbitConfigError for a bad KBIT_BACKEND, KBIT_CUDA_VERSION, KBIT_NUM_THREADS or
+    KBIT_CPU_SIMD: the CPU library's first use checks them, so a typo is reported even by a program
+    that never touches a GPU."""
     _backend(env)
+    _cpu_settings(env)
     if manifest.ok:
         _forced_version(env, [e.cuda for e in manifest.cuda_libraries if e.cuda is not None])
 

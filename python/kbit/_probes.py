@@ -340,6 +340,9 @@ def _entry(raw: Any, index: int) -> LibraryEntry:
     )
 
 
+MANIFEST_MAX_BYTES = 1 << 20
+
+
 def parse_manifest(text: str, path: str = MANIFEST_NAME) -> Manifest:
     """Parse manifest.json's text. Pure: a bad manifest gives a Manifest whose `error` says why."""
     try:
@@ -355,14 +358,20 @@ def parse_manifest(text: str, path: str = MANIFEST_NAME) -> Manifest:
         entries = tuple(_entry(e, i) for i, e in enumerate(libs))
         abi = raw.get("abi")
         return Manifest(path, entries, raw.get("kbit_version"), abi if isinstance(abi, int) else None)
-    except ValueError as e:  # json.JSONDecodeError is a ValueError
-        return Manifest(path, error=f"{path} is corrupt ({e}): reinstall kbit")
+    except (ValueError, RecursionError) as e:  # json.JSONDecodeError is a ValueError; RecursionError: nesting
+        return Manifest(path, error=f"{path} is corrupt ({type(e).__name__}: {str(e)[:200]}): reinstall kbit")
 
 
 def probe_manifest(package_dir: Path) -> Manifest:
     path = package_dir / MANIFEST_NAME
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
+        if len(raw) > MANIFEST_MAX_BYTES:
+            return Manifest(str(path), error=f"{path} is corrupt ({len(raw)} bytes; a manifest is a few KB): "
+                                             "reinstall kbit")
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return Manifest(str(path), error=f"{path} is corrupt (not UTF-8: {e}): reinstall kbit")
     except FileNotFoundError:
         return Manifest(str(path), error=f"{path} is missing: reinstall kbit (pip install --force-reinstall kbit), "
                                          "or in a source checkout build the libraries and write the manifest")

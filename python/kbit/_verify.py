@@ -9,11 +9,10 @@ corrupt, is checked just as safely.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from ._elf import ElfError, read_elf
+from ._elf import ElfError, file_sha256, read_elf
 from ._probes import LibraryEntry, probe_manifest
 
 __all__ = ["LibraryCheck", "verify"]
@@ -36,13 +35,6 @@ class LibraryCheck:
         return f"FAILED {self.file:<22} {'; '.join(self.problems)}"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
 
 def _names(names: set[str]) -> str:
     return ", ".join(sorted(names))
@@ -57,7 +49,7 @@ def _check(package_dir: Path, entry: LibraryEntry, abi: frozenset[str]) -> Libra
     if entry.size is not None and size != entry.size:
         problems.append(f"{size} bytes, the manifest says {entry.size}")
     if entry.sha256:
-        digest = _sha256(path)
+        digest = file_sha256(path)
         if digest != entry.sha256:
             problems.append(f"sha256 {digest[:12]}…, the manifest says {entry.sha256[:12]}…")
     else:
