@@ -7,6 +7,7 @@
     nox -s tests                      the test suite against the wheel in dist/
     nox -s lint                       ruff, the CI workflow (up to date, schema, zizmor), hadolint
     nox -s gpu                        on a GPU machine: every bundled CUDA library validated, a report
+    nox -s fuzz -- --seconds 600      the fuzz campaign: the Python API (atheris), the C ABI (ASan + UBSan)
 
 `nox -s build` writes the fat wheel to dist/, the slim per-CUDA wheels to dist/slim/ and the build
 report to dist/report.md + dist/report.png.
@@ -250,6 +251,34 @@ def lint(session: nox.Session) -> None:
     session.run("zizmor", "--offline", ".github/workflows/")
     dockerfiles = sorted(str(p.relative_to(REPO)) for p in (REPO / "docker").glob("*.Dockerfile"))
     session.run("hadolint", "--config", ".hadolint.yaml", *dockerfiles)
+
+
+@nox.session(python=PYTHON, default=False)
+def fuzz(session: nox.Session) -> None:
+    """The fuzz campaign (tests/fuzz/) on the wheel in dist/: the Python API harness under atheris
+    (coverage-guided), then the CPU library's C ABI driver under AddressSanitizer + UBSan, each for
+    --seconds (default 300) from the seed corpora in tests/fuzz/corpus/; fails on any finding (the
+    input is left in build/fuzz/). `nox -s fuzz -- --seconds 600 --only api`"""
+    p = argparse.ArgumentParser(prog="nox -s fuzz --")
+    p.add_argument("--seconds", type=int, default=300, help="per harness")
+    p.add_argument("--only", choices=["api", "abi"], help="one harness only")
+    args = p.parse_args(session.posargs)
+    wheel = _dist_wheel(session)
+    session.install(*TEST_DEPS, "atheris")
+    session.install("--no-deps", "--force-reinstall", str(wheel))
+    work = REPO / "build" / "fuzz"
+    seeds = REPO / "tests" / "fuzz" / "corpus"
+    if args.only in (None, "api"):
+        found = work / "corpus-api"  # what libFuzzer finds is kept here, between runs; the seeds stay as they are
+        found.mkdir(parents=True, exist_ok=True)
+        session.run("python", "tests/fuzz/api_harness.py", str(found), str(seeds / "api"),
+                    f"-max_total_time={args.seconds}", "-timeout=10", "-rss_limit_mb=8192",
+                    f"-artifact_prefix={work}/api-", "-print_final_stats=1")
+    if args.only in (None, "abi"):
+        exe = session.run("python", "-c", "import sys; sys.path.insert(0, 'tests'); "
+                          "from fuzz.build import build_abi_fuzz; print(build_abi_fuzz())", silent=True)
+        with session.chdir(work):
+            session.run(str(exe).strip().splitlines()[-1], "fuzz", str(args.seconds), str(seeds / "abi"), external=True)
 
 
 @nox.session(python=False, default=False)

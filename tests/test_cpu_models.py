@@ -113,11 +113,11 @@ def _differ(a: dict[str, str], b: dict[str, str]) -> list[str]:
 
 
 def test_portable_loops_give_the_same_bytes(native) -> None:
-    """Every entry point is bit-identical on both paths except the float32 GEMV, whose AVX2 kernel sums
-    with FMA in its own order (kbit.h: "the summation order is the kernel's"; both paths are checked
-    against the float64 product in test_kernels_gemv.py)."""
+    """Every entry point is bit-identical on both paths except the GEMV, whose AVX2 kernel sums with FMA
+    in its own order (kbit.h: "the summation order is the kernel's"; both paths are checked against
+    the float64 product in test_kernels_gemv.py)."""
     differ = _differ(native["default"], native["portable"])
-    assert set(differ) <= {"gemv/0/256x256", "gemv/0/100x77"}, differ
+    assert all(k.startswith("gemv/") for k in differ), differ
 
 
 @pytest.mark.slow

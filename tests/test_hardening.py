@@ -214,6 +214,16 @@ def test_operators_validate_before_allocating(call, error, match) -> None:
         call()
 
 
+@pytest.mark.parametrize("make", [lambda: torch.ones(64).to_sparse(), lambda: torch.ones(64).to_mkldnn(),
+                                  lambda: torch.nested.nested_tensor([torch.ones(64)])],
+                         ids=["sparse", "mkldnn", "nested"])
+def test_the_functional_api_takes_dense_tensors_only(make) -> None:
+    A = make()
+    for fn in (F.quantize_4bit, F.quantize_blockwise):
+        with pytest.raises(TypeError, match="A must be a dense"):
+            fn(A)
+
+
 @pytest.mark.parametrize("blocksize", [0, -64, 48])
 def test_fake_implementations_validate_too(blocksize: int) -> None:
     from torch._subclasses.fake_tensor import FakeTensorMode

@@ -1,7 +1,7 @@
 /*
  * Which runtime-dispatched SIMD kernels the CPU library may use. One switch for every kernel:
  * KBIT_CPU_SIMD=0 in the environment forces the portable x86-64 (or non-x86) loops, which give
- * bit-identical results (but for the float32 GEMV, whose FMA kernel sums in another order); it is
+ * bit-identical results (but for the GEMV, whose FMA kernel sums in another order); it is
  * read on every call so tests can compare both paths in one process.
  */
 #ifndef KBIT_CPU_CPU_FEATURES_H_

@@ -168,8 +168,14 @@ KBIT_API int kbit_gemv_4bit(int dtype, int quant_type, const void* A, const uint
  * lower index (an all-zero block stores absmax 0 and codes of the entry nearest 0; a NaN gets code 0).
  * step >= 1 is the step count after this step. p is written back as dtype (rounded to nearest).
  * A non-finite g makes its own parameter and its block's states non-finite (absmax NaN or inf), so
- * from the next step on every parameter of that block, as in torch.optim.Adam; skipping such steps
- * is the caller's choice. All states must start zeroed. The qmaps must be sorted ascending.
+ * from the next step on every parameter of that block, as in torch.optim.Adam; so does a finite g
+ * whose term (1 - beta2) * g * g overflows float32 (where torch's second moment becomes inf as well);
+ * skipping such steps is the caller's choice. The limit of 8-bit states: within a block, a second
+ * moment below about 1.6e-7 of the block's largest is stored as 0 (half the unsigned dynamic map's
+ * smallest entry), while a first moment down to 2.8e-7 of its block's largest is kept, so such a value
+ * moves by step_size * m / eps: blocks whose gradients span more than about 2e3 in magnitude
+ * (bitsandbytes' 8-bit Adam, with the same maps, shares this). All states must start zeroed. The qmaps
+ * must be sorted ascending.
  * KBIT_ERR_INVALID_ARGUMENT (even for n = 0): beta1 or beta2 outside [0, 1), eps, weight_decay, lr
  * or gnorm_scale negative or not finite, step < 1, decoupled_weight_decay not 0 or 1, a float32
  * constant of the step that overflows (lr / (1 - beta1^step), AdamW's 1 - lr * weight_decay); for

@@ -55,8 +55,8 @@ def _define(schema: str, differentiable: bool = False) -> Callable[[_Fn], _Fn]:
     return register
 
 
-_OTHER_LAYOUTS = ("SparseCPU", "SparseCUDA", "SparseCsrCPU", "SparseCsrCUDA", "MkldnnCPU", "NestedTensorCPU",
-                  "NestedTensorCUDA")
+_OTHER_LAYOUTS = ("SparseCPU", "SparseCUDA", "SparseMeta", "SparseCsrCPU", "SparseCsrCUDA", "SparseCsrMeta",
+                  "MkldnnCPU", "NestedTensorCPU", "NestedTensorCUDA", "NestedTensorMeta")
 
 
 def _refuse_layout(*args: Any, **kwargs: Any) -> Any:
@@ -108,14 +108,19 @@ class _on_device:
             self._ctx.__exit__(*exc)
 
 
+def check_dense(t: torch.Tensor, name: str) -> None:
+    """A dense (strided) tensor: kbit's functional API and its operators take no other layout."""
+    if t.is_nested or t.layout != torch.strided:
+        layout = "nested" if t.is_nested else str(t.layout).removeprefix("torch.")
+        raise TypeError(f"{name} must be a dense (strided) tensor, got a {layout} one: convert it with .to_dense()")
+
+
 def _check(t: Any, name: str, device: torch.device, dtypes: Sequence[torch.dtype], numel: Optional[Any] = None) -> None:
     """What every tensor must be before native code gets its pointer: checked by the operator and by its
     fake implementation alike, before anything is allocated."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
-    if t.is_nested or t.layout != torch.strided:
-        layout = "nested" if t.is_nested else str(t.layout).removeprefix("torch.")
-        raise TypeError(f"{name} must be a dense (strided) tensor, got a {layout} one: convert it with .to_dense()")
+    check_dense(t, name)
     if t.dtype not in dtypes:
         names = [str(d) for d in dtypes]
         allowed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"

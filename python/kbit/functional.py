@@ -141,6 +141,7 @@ def _check_blocksize(blocksize: object) -> int:
 def _check_tensor(t: object, name: str) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    _ops.check_dense(t, name)
     return t
 
 

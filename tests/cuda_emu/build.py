@@ -17,7 +17,7 @@ import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-__all__ = ["HERE", "REPO", "EmuBuildError", "asan_runtime", "build", "cuda_sources"]
+__all__ = ["HERE", "REPO", "EmuBuildError", "asan_runtime", "build", "compile_and_link", "cuda_sources"]
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -66,40 +66,46 @@ def _run(cmd: list[str], cwd: Path) -> None:
         raise EmuBuildError(f"{' '.join(cmd)}\nfailed ({r.returncode}):\n{r.stdout}{r.stderr}")
 
 
-def build(*, sanitize: bool, root: Path = REPO, cache: Path = CACHE, compiler: str = "g++") -> Path:
-    """The emulated library of the CUDA sources under `root` (a tree with csrc/), with AddressSanitizer
-    and UndefinedBehaviorSanitizer when `sanitize`. Returns its path (cached by content)."""
+def compile_and_link(units: list[Path], *, flags: list[str], includes: list[str], headers: list[Path], root: Path,
+                     cache: Path, output: str, link: list[str], compiler: str = "g++") -> Path:
+    """Compiles each unit (as C++, from `root` with relative paths, so __FILE__ reads csrc/...) into an
+    object cached by content (compiler, flags, the unit, every header it may include) under cache/, in
+    parallel, and links them with `link` flags into cache/<content key>/<output>. Returns its path."""
     cxx = shutil.which(compiler)
     if cxx is None:
-        raise EmuBuildError(f"no {compiler} on PATH: the CUDA emulation is built with the host C++ compiler")
-    flags = [*COMMON, *(SANITIZE if sanitize else PLAIN)]
-    headers = b"".join(p.name.encode() + b"\0" + p.read_bytes() for p in _headers(root))
-    units = [*cuda_sources(root), HERE / "runtime.cpp", HERE / "build_info.cpp"]
+        raise EmuBuildError(f"no {compiler} on PATH: kbit's test harnesses are built with the host C++ compiler")
+    header_bytes = b"".join(p.name.encode() + b"\0" + p.read_bytes() for p in headers)
     objects_dir = cache / "objects"
     objects_dir.mkdir(parents=True, exist_ok=True)
 
     def compile_unit(source: Path) -> Path:
         rel = source.relative_to(root) if source.is_relative_to(root) else source
-        key = _digest([cxx.encode(), " ".join(flags).encode(), str(rel).encode(), source.read_bytes(), headers])
+        key = _digest([cxx.encode(), " ".join(flags).encode(), str(rel).encode(), source.read_bytes(), header_bytes])
         obj = objects_dir / f"{source.stem}-{key}.o"
         if not obj.exists():
             tmp = obj.with_suffix(f".{os.getpid()}.tmp")
-            # Relative source paths from `root`: __FILE__ in the harness's messages reads csrc/cuda/gemv.cu.
-            # -x c++: the .cu files are C++ against the stand-ins.
-            _run([cxx, *flags, *_include_flags(root), "-x", "c++", "-c", str(rel), "-o", str(tmp)], cwd=root)
+            _run([cxx, *flags, *includes, "-x", "c++", "-c", str(rel), "-o", str(tmp)], cwd=root)
             tmp.replace(obj)
         return obj
 
     with ThreadPoolExecutor(max_workers=max(1, min(len(units), os.cpu_count() or 1))) as pool:
         objects = list(pool.map(compile_unit, units))
-    lib_key = _digest([o.name.encode() for o in objects])
-    lib = cache / f"lib-{lib_key}{'-sanitize' if sanitize else ''}" / "libkbit_cuda_emu.so"
-    if not lib.exists():
-        lib.parent.mkdir(parents=True, exist_ok=True)
-        tmp = lib.with_suffix(f".{os.getpid()}.tmp")
-        _run([cxx, *flags, "-shared", *map(str, objects), "-o", str(tmp)], cwd=root)
-        tmp.replace(lib)
-    return lib
+    out = cache / _digest([o.name.encode() for o in objects] + [" ".join(link).encode()]) / output
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(f".{os.getpid()}.tmp")
+        _run([cxx, *flags, *map(str, objects), *link, "-o", str(tmp)], cwd=root)
+        tmp.replace(out)
+    return out
+
+
+def build(*, sanitize: bool, root: Path = REPO, cache: Path = CACHE, compiler: str = "g++") -> Path:
+    """The emulated library of the CUDA sources under `root` (a tree with csrc/), with AddressSanitizer
+    and UndefinedBehaviorSanitizer when `sanitize`. Returns its path (cached by content)."""
+    return compile_and_link([*cuda_sources(root), HERE / "runtime.cpp", HERE / "build_info.cpp"],
+                            flags=[*COMMON, *(SANITIZE if sanitize else PLAIN)], includes=_include_flags(root),
+                            headers=_headers(root), root=root, cache=cache, output="libkbit_cuda_emu.so",
+                            link=["-shared"], compiler=compiler)
 
 
 def asan_runtime(compiler: str = "g++") -> str:
