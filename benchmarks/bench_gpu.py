@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
+from _timing import interleaved_medians, wall_ms
 
 KBIT_DTYPE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
@@ -54,27 +53,18 @@ class Timer:
         self.cuda = device == "cuda"
 
     def __call__(self, fn: Callable[[], Any]) -> float:
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end)
-        t0 = time.perf_counter()
+        if not self.cuda:
+            return wall_ms(fn)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         fn()
-        return (time.perf_counter() - t0) * 1e3
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
 
 
-def medians(timer: Timer, fns: dict[str, Callable[[], Any]], repeat: int, warmup: int = 2) -> dict[str, float]:
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeat):
-        for k, fn in fns.items():
-            times[k].append(timer(fn))
-    return {k: statistics.median(v) for k, v in times.items()}
+def medians(timer: Timer, fns: dict[str, Callable[[], Any]], repeat: int) -> dict[str, float]:
+    return interleaved_medians(fns, repeat, timer=timer)
 
 
 def copy_bandwidth(device: str, timer: Timer, nbytes: int, repeat: int) -> float:
