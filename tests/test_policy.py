@@ -76,7 +76,7 @@ CASES = [
     # torch 12.4 on a 12.4 driver (branch 550), an A100, and no 12.4 library: 12.5 runs by minor-version
     # compatibility (an sm_80 cubin, branch ≥ 525); 11.8 (another major, driver runs it) is the fallback.
     Case("minor-version-compatibility", probes("12.4", "12.4", branch=550), manifest("11.8", "12.5", "13.0"),
-         file="libkbit_cuda125.so", warn=True, fallbacks=("libkbit_cuda118.so",),
+         file="libkbit_cuda125.so", fallbacks=("libkbit_cuda118.so",),
          reason=("no bundled CUDA 12.4 library; minor-version compatibility: CUDA 12.5 > driver CUDA 12.4, "
                  "driver 550 ≥ 525",),
          verdicts={"libkbit_cuda125.so": "taken:minor-version compatibility",
@@ -84,7 +84,7 @@ CASES = [
     # The same with the branch unknown: minor-version compatibility is not assumed; 11.8 runs natively
     # (cross-major, said so).
     Case("branch-unknown-no-minor-compat", probes("12.4", "12.4"), manifest("11.8", "12.5", "13.0"),
-         file="libkbit_cuda118.so", warn=True,
+         file="libkbit_cuda118.so",
          reason=("cross-major: no bundled CUDA 12.x runs here; CUDA 11.8 runs ≤ driver CUDA 12.4",),
          verdicts={"libkbit_cuda125.so": "driver branch is unknown, so minor-version compatibility is not assumed",
                    "libkbit_cuda118.so": "taken:cross-major"}),
@@ -95,16 +95,16 @@ CASES = [
          backend="cpu", file="libkbit_cpu.so", warn=True,
          verdicts={"libkbit_cuda125.so": "driver 520 is below the CUDA 12.x minor-version compatibility floor 525"}),
     Case("minor-compat-lowest-above-driver", probes("12.4", "12.4", branch=550), manifest("12.6", "12.5", "12.8"),
-         file="libkbit_cuda125.so", warn=True, fallbacks=("libkbit_cuda126.so", "libkbit_cuda128.so")),
+         file="libkbit_cuda125.so", fallbacks=("libkbit_cuda126.so", "libkbit_cuda128.so")),
     Case("native-before-minor-compat", probes("12.4", "12.4", branch=550), manifest("12.2", "12.5"),
-         file="libkbit_cuda122.so", warn=True, fallbacks=("libkbit_cuda125.so",)),
+         file="libkbit_cuda122.so", fallbacks=("libkbit_cuda125.so",)),
     Case("pascal-older-than-every-library", probes("12.4", "12.4", caps=((6, 1),)), manifest("12.4"),
          backend="cpu", file="libkbit_cpu.so", warn=True,
          reason=("GPU sm_61 (GPU0) is older than every bundled library (sm_70+): using the CPU library; "
                  "build from source with `nox -s build -- --arch 61`",)),
     Case("highest-same-major-at-most-driver", probes("12.4", "12.6"),
          manifest("11.8", "12.2", "12.5", "12.8", "13.0"),
-         file="libkbit_cuda125.so", exact=False, warn=True, fallbacks=("libkbit_cuda122.so", "libkbit_cuda118.so"),
+         file="libkbit_cuda125.so", exact=False, fallbacks=("libkbit_cuda122.so", "libkbit_cuda118.so"),
          reason=("no bundled CUDA 12.4 library, CUDA 12.5 is the highest bundled 12.x",),
          verdicts={"libkbit_cuda125.so": "taken:highest usable CUDA 12.x ≤ driver CUDA 12.6",
                    "libkbit_cuda122.so": "usable, but libkbit_cuda125.so is preferred",
@@ -138,7 +138,7 @@ CASES = [
          verdicts={"libkbit_cuda128.so": "no cubin or PTX runs on sm_120 (GPU 0 GPU0)"}),
     Case("every-device-must-be-covered", probes("12.4", "12.4", caps=((8, 0), (6, 1))),
          manifest(lib("12.4", ptx=()), lib("12.2", archs=("61", "80"), ptx=())),
-         file="libkbit_cuda122.so", warn=True,
+         file="libkbit_cuda122.so",
          verdicts={"libkbit_cuda124.so": "no cubin or PTX runs on sm_61 (GPU 1 GPU1)"}),
     # Overrides.
     Case("backend-cpu", probes("12.4", "12.4"), manifest("12.4"), env={"KBIT_BACKEND": "cpu"}, backend="cpu",
@@ -146,7 +146,7 @@ CASES = [
     Case("backend-auto-spelled-out", probes("12.4", "12.4"), manifest("12.4"), env={"KBIT_BACKEND": " Auto "},
          file="libkbit_cuda124.so", exact=True),
     Case("cuda-version-short", probes("12.4", "12.6"), manifest("12.4", "12.6"), env={"KBIT_CUDA_VERSION": "126"},
-         file="libkbit_cuda126.so", warn=True, reason=("KBIT_CUDA_VERSION=12.6: using libkbit_cuda126.so",),
+         file="libkbit_cuda126.so", reason=("KBIT_CUDA_VERSION=12.6: using libkbit_cuda126.so",),
          verdicts={"libkbit_cuda126.so": "taken:KBIT_CUDA_VERSION", "libkbit_cuda124.so": "KBIT_CUDA_VERSION=12.6"}),
     Case("cuda-version-dotted", probes("12.4", "12.6"), manifest("12.4", "12.6"), env={"KBIT_CUDA_VERSION": "12.4"},
          file="libkbit_cuda124.so", exact=True),
@@ -215,6 +215,12 @@ def test_bad_manifest_is_reported() -> None:
         (("90a",), (), (9, 0), True),  # arch-specific: that device only
         ((), ("90a",), (10, 0), False),
         (("100f",), (), (10, 3), True),  # family-specific: later minors of its major
+        (("100f",), (), (12, 0), False),
+        ((), ("100f",), (10, 3), True),  # family PTX JITs within its major ...
+        ((), ("100f",), (10, 0), True),
+        ((), ("100f",), (12, 0), False),  # ... never for a newer major
+        ((), ("103f",), (10, 0), False),
+        ((), ("100",), (12, 0), True),  # plain PTX does
         (("sm_75",), ("compute_90",), (7, 5), True),
     ],
 )

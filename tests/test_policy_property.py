@@ -44,6 +44,8 @@ def ptx_runs(arch: str, cap: tuple[int, int]) -> bool:
     major, minor, suffix = _split(arch)
     if suffix == "a":
         return (major, minor) == cap
+    if suffix == "f":  # family-specific: its major only
+        return major == cap[0] and minor <= cap[1]
     return (major, minor) <= cap
 
 

@@ -97,6 +97,8 @@ class Decision:
     """The environment variable that made this decision, if any."""
     gpu: bool = False
     """A CUDA device is visible."""
+    risky: bool = False
+    """KBIT_CUDA_VERSION forced a library the checks say may not run here."""
 
     @property
     def cuda(self) -> bool:
@@ -104,12 +106,15 @@ class Decision:
 
     @property
     def warn(self) -> bool:
-        """Worth one warning: the pick is not what a user with this GPU would expect."""
-        if self.override == "KBIT_LIBRARY":
+        """Worth one warning: the user loses something (a GPU is there, but CPU tensors' library is what
+        GPU tensors get: none) or bypassed the checks (KBIT_LIBRARY, or a KBIT_CUDA_VERSION that may not
+        run here). Every other pick, exact or not, is right and quiet: logged at INFO on logger kbit and
+        shown by `python -m kbit`."""
+        if self.override == "KBIT_LIBRARY" or self.risky:
             return True
         if self.override == "KBIT_BACKEND":
             return False  # asked for explicitly
-        return (self.backend == "cpu" and self.gpu) or (self.backend == "cuda" and not self.exact)
+        return self.backend == "cpu" and self.gpu
 
 
 def _parse_arch(arch: str) -> Optional[tuple[int, int, str]]:
@@ -120,8 +125,10 @@ def _parse_arch(arch: str) -> Optional[tuple[int, int, str]]:
 def covers(entry: LibraryEntry, capability: tuple[int, int]) -> bool:
     """Can the library run on a device of this compute capability?
 
-    A cubin sm_XY runs on sm_XZ, Z >= Y (same major); an arch-specific cubin sm_XYa only on sm_XY.
-    PTX compute_XY is JIT-compiled by the driver for any device >= XY (compute_XYa only for XY).
+    A cubin sm_XY runs on sm_XZ, Z >= Y (same major); an arch-specific cubin sm_XYa only on sm_XY; a
+    family-specific sm_XYf on the later minors of its major. PTX compute_XY is JIT-compiled by the
+    driver for any device >= XY; compute_XYa only for XY; compute_XYf only within its major (the
+    family: compute_100f runs on 10.0 and 10.3, never on 12.0).
     """
     major, minor = capability
     for arch in entry.archs:
@@ -130,7 +137,15 @@ def covers(entry: LibraryEntry, capability: tuple[int, int]) -> bool:
             return True
     for arch in entry.ptx:
         p = _parse_arch(arch)
-        if p and ((p[0], p[1]) == capability if p[2] == "a" else (p[0], p[1]) <= capability):
+        if not p:
+            continue
+        if p[2] == "a":
+            ok = (p[0], p[1]) == capability
+        elif p[2] == "f":
+            ok = p[0] == major and p[1] <= minor
+        else:
+            ok = (p[0], p[1]) <= capability
+        if ok:
             return True
     return False
 
@@ -301,7 +316,7 @@ def select(probes: Probes, manifest: Manifest, env: Mapping[str, str]) -> Decisi
             for e in entries
         )
         return Decision("cuda", entry.file, forced == target, reason, candidates,
-                        override="KBIT_CUDA_VERSION", gpu=gpu)
+                        override="KBIT_CUDA_VERSION", gpu=gpu, risky=problem is not None)
 
     if torch.hip is not None:
         return cpu_decision("torch is a ROCm build",
