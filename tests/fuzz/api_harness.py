@@ -286,10 +286,12 @@ def t_optim(d: Data, F: Any) -> None:
             opt.param_groups[0].update({d.pick(sorted(kwargs)): d.pick([0.5, (1, 1), 2**70, -3, 1e39, 0])})
         group = opt.param_groups[0]
         # Judged where torch's Adam stays finite too: eps > 0 (else 0 / 0 where g = 0), AdamW's decay
-        # 1 - lr * weight_decay in (0, 1], and an effective gradient g + weight_decay * p whose square
-        # term stays finite in float32 (kbit.h).
+        # 1 - lr * weight_decay in (0, 1], an effective gradient g + weight_decay * p whose square term
+        # stays finite in float32 (kbit.h), and float32 parameters: in a block whose second moments
+        # span more than the 8-bit map's range, the smallest are stored as 0 and their update is
+        # m / eps, which a float16 parameter cannot hold (the format's limit, kbit.h).
         lr, eps, wd = (_num(group[k]) for k in ("lr", "eps", "weight_decay"))
-        if finite and p.grad is not None and p.numel() and bool(p.grad.isfinite().all()) and lr < 1e3 and eps > 0 \
+        if finite and p.dtype == torch.float32 and p.grad is not None and p.numel() and bool(p.grad.isfinite().all()) and lr < 1e3 and eps > 0 \
                 and lr * wd < 1 and float(p.grad.abs().max()) + wd * float(p.detach().abs().max()) < 1e18:
             before = p.detach().clone()
             opt.step()
