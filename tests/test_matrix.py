@@ -49,7 +49,9 @@ def test_every_row_names_a_real_toolkit_source(row):
         assert set(row.pypi.packages) >= {
             "nvidia-cuda-nvcc", "nvidia-nvvm", "nvidia-cuda-crt", "nvidia-cuda-runtime", "nvidia-cuda-cccl"
         }
-        assert all(v.startswith(f"{row.cuda}.") for v in row.pypi.packages.values())
+        # cccl numbers its own versions (13.3.<CCCL version> for the 13.3 ... 13.5 toolkits)
+        assert all(v.startswith(f"{row.cuda}.") for k, v in row.pypi.packages.items() if k != "nvidia-cuda-cccl")
+        assert row.pypi.packages["nvidia-cuda-cccl"].startswith(f"{row.cuda.major}.")
     if row.nvidia_image:
         assert row.nvidia_image.startswith(f"nvidia/cuda:{row.cuda}.") and "-devel-" in row.nvidia_image
 

@@ -302,3 +302,48 @@ def test_a_changed_compiler_configures_from_scratch():
     same = "CMAKE_CXX_COMPILER:FILEPATH=/usr/bin/g++-13\n"
     assert stale_cache_reason(same, ["-DCMAKE_CXX_COMPILER=g++-13", "-DKBIT_CUDA_ARCHS=70-real"]) is None
     assert stale_cache_reason("", ["-DCMAKE_CXX_COMPILER=g++-13"]) is None
+
+
+# --- every row's archs are known to its own nvcc ------------------------------------------------------
+
+
+def _gpu_codes(row) -> set[str] | None:
+    """The sm_XY codes `nvcc --list-gpu-code` lists for the row's toolkit: run in its build image when
+    a container engine has it, else the host toolkit venv of a PyPI row; None when neither is here."""
+    import glob
+    import re
+
+    from kbit_ci import containers
+
+    out = None
+    engine, _ = containers.detect_engine()
+    if engine is not None and containers.image_exists(engine, row.image):
+        r = subprocess.run(engine.cmd("run", "--rm", *engine.run_flags, "--network", "none", row.image,
+                                      "nvcc", "--list-gpu-code"), capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        out = r.stdout
+    else:
+        nvcc = sorted(glob.glob(str(REPO / ".cache" / "toolkits" / f"pypi-{row.id}" / "lib" / "python3*" /
+                                    "site-packages" / "nvidia" / f"cu{row.cuda.major}" / "bin" / "nvcc")))
+        if nvcc:
+            out = subprocess.run([nvcc[0], "--list-gpu-code"], capture_output=True, text=True, check=True).stdout
+    return None if out is None else {m.group(1) for m in re.finditer(r"\bsm_(\d+[af]?)\b", out)}
+
+
+@pytest.mark.parametrize("row", [r for r in ROWS if r.debian or r.pypi], ids=lambda r: r.id)
+def test_row_archs_are_known_to_its_toolkit(row) -> None:
+    codes = _gpu_codes(row)
+    if codes is None:
+        pytest.skip(f"CUDA {row.cuda}'s toolkit is not here (no {row.image} image, no host toolkit venv)")
+    unknown = sorted(set(row.archs) - codes)
+    assert not unknown, f"CUDA {row.cuda}: nvcc --list-gpu-code does not know sm_{unknown}"
+    assert row.ptx in codes
+
+
+def test_the_gpu_code_list_tells_archs_apart() -> None:
+    """The check above is evidence: a toolkit's list holds its archs and not made-up ones."""
+    row = next((r for r in ROWS if (r.debian or r.pypi) and _gpu_codes(r) is not None), None)
+    if row is None:
+        pytest.skip("no row's toolkit is here")
+    codes = _gpu_codes(row)
+    assert row.ptx in codes and "77" not in codes and "91" not in codes
