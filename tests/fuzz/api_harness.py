@@ -127,7 +127,7 @@ def check_round_trip(A: torch.Tensor, B: torch.Tensor, absmax: torch.Tensor, blo
     ok = a.isfinite() & scale.isfinite() & (scale < 1e30) & (scale > 1e-30)
     fi = torch.finfo(A.dtype)
     # the codebook's bound, plus rounding to the dtype: relative eps for normals, the subnormal spacing below
-    tol = scale * half_gap + a.abs() * (2 * fi.eps) + fi.smallest_normal * fi.eps + 1e-30
+    tol = scale * half_gap + (a.abs() + b.abs()) * (2 * fi.eps) + fi.smallest_normal * fi.eps + 1e-30
     bad = ok & ~((a - b).abs() <= tol)
     assert not bool(bad.any()), f"round trip error above the bound at {bad.nonzero()[:3].flatten().tolist()}"
 
