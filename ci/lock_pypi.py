@@ -21,8 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kbit_ci.matrix import Row, load_matrix  # noqa: E402
-from kbit_ci.portable import locked_requirements  # noqa: E402
+from kbit_ci.matrix import Row, load_matrix
+from kbit_ci.portable import locked_requirements
 
 REQUIREMENTS = Path(__file__).resolve().parent / "requirements"
 INDEX = "https://pypi.org/pypi/{name}/json"

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-__all__ = ["ReportRow", "bar_chart_png", "markdown", "rows", "text_table", "write_report"]
+__all__ = ["ReportRow", "bar_chart_png", "coverage", "coverage_markdown", "family", "markdown", "rows", "text_table",
+           "write_report"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,65 @@ def rows(manifest: Mapping[str, Any], records: Sequence[Mapping[str, Any]],
     return out
 
 
+# ---------------------------------------------------------------- GPU coverage
+
+# The architecture families, by compute capability (major, minor); every device a row names is shown.
+_FAMILIES = ((7, 0, "Volta"), (7, 2, "Volta"), (7, 5, "Turing"), (8, 0, "Ampere"), (8, 6, "Ampere"), (8, 7, "Ampere"),
+             (8, 9, "Ada"), (9, 0, "Hopper"), (10, 0, "Blackwell"), (10, 3, "Blackwell"), (11, 0, "Blackwell"),
+             (12, 0, "Blackwell"), (12, 1, "Blackwell"))
+
+
+def family(capability: tuple[int, int]) -> str:
+    names = {(a, b): n for a, b, n in _FAMILIES}
+    return names.get(capability) or next((n for a, _, n in reversed(_FAMILIES) if a == capability[0]), "?")
+
+
+def _capability(arch: str) -> Optional[tuple[int, int]]:
+    digits = "".join(c for c in arch if c.isdigit())
+    return (int(digits[:-1]), int(digits[-1])) if len(digits) >= 2 else None
+
+
+def coverage(manifest: Mapping[str, Any], devices: Sequence[tuple[int, int]] = ()) -> list[tuple[str, list[str]]]:
+    """Rows of the coverage table: per device (every arch the bundled libraries name, plus `devices`),
+    its label and one cell per CUDA library: "cubin" (its own), "cubin sm_XY" (an earlier minor's),
+    "PTX JIT" or "-". The rules are the runtime's (kbit._policy.how_covered)."""
+    src = str(Path(__file__).resolve().parents[1] / "python")
+    if src not in sys.path:  # as kbit_ci does: an installed kbit (the same sources, in the test venv) wins
+        sys.path.append(src)
+    from kbit._policy import how_covered
+    from kbit._probes import LibraryEntry
+    from kbit._versions import CudaVersion
+
+    libs = [e for e in manifest.get("libraries", []) if e.get("cuda")]
+    caps = {c for e in libs for a in (*e.get("archs", ()), *e.get("ptx", ())) if (c := _capability(a))}
+    caps |= set(devices)
+    entries = [LibraryEntry(e["file"], "cuda", CudaVersion.parse(e["cuda"]), tuple(e.get("archs", ())),
+                            tuple(e.get("ptx", ()))) for e in libs]
+    out = []
+    for cap in sorted(caps):
+        cells = []
+        for entry in entries:
+            how = how_covered(entry, cap)
+            if how is None:
+                cells.append("-")
+            elif how.startswith("PTX"):
+                cells.append("PTX JIT")
+            else:
+                cells.append("cubin" if how == f"cubin sm_{cap[0]}{cap[1]}" else how)
+        out.append((f"{family(cap)} sm_{cap[0]}{cap[1]}", cells))
+    return out
+
+
+def coverage_markdown(manifest: Mapping[str, Any], devices: Sequence[tuple[int, int]] = ()) -> list[str]:
+    libs = [f"cu{e['cuda']}" for e in manifest.get("libraries", []) if e.get("cuda")]
+    if not libs:
+        return []
+    out = ["", "GPU coverage (how each bundled library runs on each architecture; the runtime's rules):", "",
+           "| GPU | " + " | ".join(libs) + " |", "|---|" + "---|" * len(libs)]
+    out += [f"| {label} | " + " | ".join(cells) + " |" for label, cells in coverage(manifest, devices)]
+    return out
+
+
 def _mb(n: Optional[int]) -> str:
     return "-" if n is None else f"{n / 1e6:.2f} MB"
 
@@ -78,7 +138,8 @@ def text_table(rs: Sequence[ReportRow]) -> list[str]:
 
 
 def markdown(rs: Sequence[ReportRow], *, wheel: str, wheel_size: int, seconds: float,
-             slim: Sequence[tuple[str, int]] = (), chart: Optional[str] = "report.png") -> str:
+             slim: Sequence[tuple[str, int]] = (), chart: Optional[str] = "report.png",
+             covered: Sequence[str] = ()) -> str:
     """dist/report.md."""
     out = [
         "# kbit build report",
@@ -95,6 +156,7 @@ def markdown(rs: Sequence[ReportRow], *, wheel: str, wheel_size: int, seconds: f
     zipped = sum(r.zipped or 0 for r in rs)
     built = sum(r.seconds or 0.0 for r in rs)
     out.append(f"| **total** | | | | {_mb(total)} | {_mb(zipped)} | {_s(built)} | |")
+    out += list(covered)
     if slim:
         out += ["", "Slim per-CUDA wheels (same runtime, the CPU library and one CUDA library each):", ""]
         out += [f"- `{name}`: {_mb(size)}" for name, size in slim]
@@ -214,6 +276,10 @@ def read_records(stage: Path) -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in sorted(stage.glob("libkbit_cuda*.json"))]
 
 
+# Devices shown even where no library names their arch: the later minors that run earlier cubins.
+_NOTABLE_DEVICES = ((8, 7), (10, 3), (12, 1))
+
+
 def write_report(wheel: Path, records: Sequence[Mapping[str, Any]], out_dir: Path, seconds: float,
                  slim: Sequence[Path] = ()) -> tuple[list[str], Path]:
     """Read the wheel, write out_dir/report.md and report.png; returns the log lines and the .md path."""
@@ -226,7 +292,8 @@ def write_report(wheel: Path, records: Sequence[Mapping[str, Any]], out_dir: Pat
     (out_dir / "report.png").write_bytes(bar_chart_png(rs))
     md = out_dir / "report.md"
     md.write_text(markdown(rs, wheel=wheel.name, wheel_size=wheel.stat().st_size, seconds=seconds,
-                           slim=[(p.name, p.stat().st_size) for p in slim]))
+                           slim=[(p.name, p.stat().st_size) for p in slim],
+                           covered=coverage_markdown(manifest, _NOTABLE_DEVICES)))
     lines = [*text_table(rs), f"wheel: {wheel.name} ({_mb(wheel.stat().st_size)}), total {seconds:.0f} s"]
     lines += [f"slim:  {p.name} ({_mb(p.stat().st_size)})" for p in slim]
     lines.append(f"report: {md} and {out_dir / 'report.png'}")

@@ -8,7 +8,7 @@ from typing import Optional
 
 import pytest
 from kbit import KbitConfigError, KbitManifestError
-from kbit._policy import MIN_DRIVER, covers, select
+from kbit._policy import MIN_DRIVER, covers, how_covered, select
 from kbit._probes import (
     Device,
     DriverProbe,
@@ -226,6 +226,17 @@ def test_bad_manifest_is_reported() -> None:
 )
 def test_covers(archs: tuple[str, ...], ptx: tuple[str, ...], capability: tuple[int, int], runs: bool) -> None:
     assert covers(LibraryEntry("x.so", "cuda", CudaVersion(12, 8), archs, ptx), capability) is runs
+
+
+@pytest.mark.parametrize("archs,ptx,capability,how", [
+    (("70", "75", "80", "86"), ("86",), (8, 9), "cubin sm_86"),  # the closest earlier minor, as the driver loads
+    (("80", "86"), (), (8, 6), "cubin sm_86"),
+    (("80",), ("90",), (9, 0), "PTX compute_90"),
+    (("90a",), ("90",), (9, 0), "cubin sm_90a"),
+    (("80",), (), (7, 5), None),
+])
+def test_how_covered(archs, ptx, capability, how) -> None:
+    assert how_covered(LibraryEntry("x.so", "cuda", CudaVersion(12, 8), archs, ptx), capability) == how
 
 
 def test_min_driver_table_rises_with_cuda() -> None:

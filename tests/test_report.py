@@ -14,7 +14,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "ci"))
 
-from report import ReportRow, bar_chart_png, markdown, rows, text_table  # noqa: E402
+from report import ReportRow, bar_chart_png, coverage, coverage_markdown, family, markdown, rows, text_table  # noqa: E402
 
 MANIFEST = {"libraries": [
     {"file": "libkbit_cpu.so", "cuda": None, "archs": [], "ptx": [], "size": 90_000, "toolkit": None},
@@ -124,3 +124,28 @@ def test_nox_build_wrote_the_report():
     assert Path(os.environ["KBIT_WHEEL"]).name in md
     assert "| `libkbit_cpu.so` |" in md and "![" in md
     _decode_png((dist / "report.png").read_bytes())
+
+
+COVERAGE_MANIFEST = {"libraries": [
+    {"file": "libkbit_cpu.so", "cuda": None, "archs": [], "ptx": []},
+    {"file": "libkbit_cuda118.so", "cuda": "11.8", "archs": ["70", "80", "90"], "ptx": ["90"]},
+    {"file": "libkbit_cuda130.so", "cuda": "13.0", "archs": ["75", "80", "100", "120"], "ptx": ["120"]},
+]}
+
+
+def test_coverage_says_how_each_library_runs_on_each_gpu() -> None:
+    table = dict(coverage(COVERAGE_MANIFEST, devices=[(8, 6), (12, 1)]))
+    assert list(table) == ["Volta sm_70", "Turing sm_75", "Ampere sm_80", "Ampere sm_86", "Hopper sm_90",
+                           "Blackwell sm_100", "Blackwell sm_120", "Blackwell sm_121"]
+    assert table["Volta sm_70"] == ["cubin", "-"]  # CUDA 13 dropped Volta
+    assert table["Turing sm_75"] == ["cubin sm_70", "cubin"]
+    assert table["Ampere sm_86"] == ["cubin sm_80", "cubin sm_80"]  # an earlier minor's cubin
+    assert table["Blackwell sm_100"] == ["PTX JIT", "cubin"]
+    assert table["Blackwell sm_121"] == ["PTX JIT", "cubin sm_120"]
+    md = coverage_markdown(COVERAGE_MANIFEST)
+    assert "| GPU | cu11.8 | cu13.0 |" in md and "| Hopper sm_90 | cubin | - |" in md
+
+
+def test_family_names() -> None:
+    assert [family(c) for c in [(7, 0), (7, 5), (8, 9), (9, 0), (10, 3), (12, 1)]] == [
+        "Volta", "Turing", "Ada", "Hopper", "Blackwell", "Blackwell"]

@@ -43,6 +43,7 @@ __all__ = [
     "Decision",
     "check_overrides",
     "covers",
+    "how_covered",
     "select",
 ]
 
@@ -122,19 +123,20 @@ def _parse_arch(arch: str) -> Optional[tuple[int, int, str]]:
     return (int(m.group(1)), int(m.group(2)), m.group(3)) if m else None
 
 
-def covers(entry: LibraryEntry, capability: tuple[int, int]) -> bool:
-    """Can the library run on a device of this compute capability?
+def how_covered(entry: LibraryEntry, capability: tuple[int, int]) -> Optional[str]:
+    """How the library runs on a device of this compute capability: "cubin sm_80", "PTX compute_90"
+    (JIT-compiled by the driver), or None.
 
     A cubin sm_XY runs on sm_XZ, Z >= Y (same major); an arch-specific cubin sm_XYa only on sm_XY; a
     family-specific sm_XYf on the later minors of its major. PTX compute_XY is JIT-compiled by the
     driver for any device >= XY; compute_XYa only for XY; compute_XYf only within its major (the
-    family: compute_100f runs on 10.0 and 10.3, never on 12.0).
+    family: compute_100f runs on 10.0 and 10.3, never on 12.0). A cubin is preferred to PTX.
     """
     major, minor = capability
-    for arch in entry.archs:
-        p = _parse_arch(arch)
-        if p and p[0] == major and (p[1] == minor if p[2] == "a" else p[1] <= minor):
-            return True
+    cubins = [(p[1], arch) for arch in entry.archs if (p := _parse_arch(arch))
+              and p[0] == major and (p[1] == minor if p[2] == "a" else p[1] <= minor)]
+    if cubins:  # the driver loads the closest: the highest minor at or below the device's
+        return f"cubin sm_{max(cubins)[1].removeprefix('sm_')}"
     for arch in entry.ptx:
         p = _parse_arch(arch)
         if not p:
@@ -146,8 +148,13 @@ def covers(entry: LibraryEntry, capability: tuple[int, int]) -> bool:
         else:
             ok = (p[0], p[1]) <= capability
         if ok:
-            return True
-    return False
+            return f"PTX compute_{arch.removeprefix('compute_')}"
+    return None
+
+
+def covers(entry: LibraryEntry, capability: tuple[int, int]) -> bool:
+    """Can the library run on a device of this compute capability? (how_covered)"""
+    return how_covered(entry, capability) is not None
 
 
 def _devices(probes: Probes) -> tuple[Device, ...]:
