@@ -9,8 +9,8 @@
     nox -s gpu                        on a GPU machine: every bundled CUDA library validated, a report
     nox -s fuzz -- --seconds 600      the fuzz campaign: the Python API (atheris), the C ABI (ASan + UBSan)
 
-`nox -s build` writes the fat wheel to dist/, the slim per-CUDA wheels to dist/slim/ and the build
-report to dist/report.md + dist/report.png.
+`nox -s build` writes the fat wheel and the sdist to dist/, the slim per-CUDA wheels to dist/slim/ and
+the build report to dist/report.md + dist/report.png.
 
 Build outputs pass to the test session through dist/, not through `requires=`.
 """
@@ -170,6 +170,7 @@ def _wheel(session: nox.Session, revision: str) -> Path:
         "python", "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(raw), str(REPO),
         f"-Ccmake.define.KBIT_STAGED_DIR={STAGE}",
         f"-Ccmake.define.KBIT_SOURCE_REVISION={revision}",
+        "-Ccmake.define.KBIT_CUDA=OFF",  # the CUDA libraries are the staged rows', never one of this host's toolkit
         *(f"-Ccmake.define.{d.removeprefix('-D')}" for d in defines),
         env={**env, "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
     )
@@ -184,6 +185,19 @@ def _wheel(session: nox.Session, revision: str) -> Path:
     (wheel,) = DIST.glob("kbit-*.whl")
     session.run("auditwheel", "show", str(wheel))
     return wheel
+
+
+def _sdist(session: nox.Session) -> Path:
+    """dist/kbit-X.tar.gz (scikit-build-core's PEP 517 hook): the sources a build needs, nothing of
+    .cache/, build/ or dist/. `pip install` of it builds the CPU library and, where a CUDA toolkit is
+    found, that toolkit's library (CMakeLists.txt, KBIT_CUDA=AUTO)."""
+    for old in DIST.glob("kbit-*.tar.gz"):
+        old.unlink()
+    out = session.run("python", "-c", "import sys; from scikit_build_core.build import build_sdist; "
+                      "print(build_sdist(sys.argv[1]))", str(DIST), silent=True)
+    sdist = DIST / str(out).strip().splitlines()[-1]
+    session.log(f"sdist: {sdist} ({sdist.stat().st_size / 1e6:.2f} MB)")
+    return sdist
 
 
 def _slim_wheels(wheel: Path) -> list[Path]:
@@ -220,6 +234,7 @@ def build(session: nox.Session) -> None:
         session.log(f"staged in {STAGE}: " + ", ".join(p.name for p in sorted(STAGE.glob("libkbit_cuda*"))))
         return
     wheel = _wheel(session, revision)
+    _sdist(session)
     slim = _slim_wheels(wheel)
     _report(records, wheel, time.monotonic() - t0, slim)
 

@@ -68,8 +68,9 @@ def library_entry(path: Path, record: dict[str, Any] | None) -> dict[str, Any]:
     }
 
 
-def write_manifest(package_dir: Path, version: str, records_dir: Path | None = None) -> dict[str, Any]:
-    """Write package_dir/manifest.json for every libkbit_*.so in package_dir."""
+def write_manifest(package_dir: Path, version: str, records_dir: Path | None = None, note: str = "") -> dict[str, Any]:
+    """Write package_dir/manifest.json for every libkbit_*.so in package_dir (with `note`, a line the
+    runtime shows, when given)."""
     libraries = sorted(package_dir.glob("libkbit_*.so"), key=lambda p: (p.name != "libkbit_cpu.so", p.name))
     entries = []
     for lib in libraries:
@@ -87,6 +88,7 @@ def write_manifest(package_dir: Path, version: str, records_dir: Path | None = N
         "kbit_version": version,
         "abi": abis.pop() if abis else None,
         "libraries": entries,
+        **({"note": note} if note else {}),
     }
     (package_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest

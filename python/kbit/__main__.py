@@ -140,6 +140,8 @@ def _text(r: dict[str, Any]) -> str:
         lines.append(f"           note: {d['error']}")
     m = r["manifest"]
     lines.append(f"manifest   {m['path']}" + (f": {m['error']}" if m["error"] else ""))
+    if m.get("note"):
+        lines.append(f"           note: {m['note']}")
     if m.get("kbit_version") and r["kbit"] != "0+unknown" and m["kbit_version"] != r["kbit"]:
         lines.append(f"           note: written for kbit {m['kbit_version']}, this is kbit {r['kbit']}")
     for lib in m["libraries"]:

@@ -125,6 +125,8 @@ class Manifest:
     abi: Optional[int] = None
     error: Optional[str] = None
     """Why the manifest is unusable (missing, not JSON, wrong schema); None when it is fine."""
+    note: Optional[str] = None
+    """A line from the build for `python -m kbit` (a source build without a CUDA toolkit says how to get one)."""
 
     @property
     def ok(self) -> bool:
@@ -357,7 +359,9 @@ def parse_manifest(text: str, path: str = MANIFEST_NAME) -> Manifest:
             raise ValueError("'libraries' is not a list")
         entries = tuple(_entry(e, i) for i, e in enumerate(libs))
         abi = raw.get("abi")
-        return Manifest(path, entries, raw.get("kbit_version"), abi if isinstance(abi, int) else None)
+        note = raw.get("note")
+        return Manifest(path, entries, raw.get("kbit_version"), abi if isinstance(abi, int) else None,
+                        note=note[:500] if isinstance(note, str) and note else None)
     except (ValueError, RecursionError) as e:  # json.JSONDecodeError is a ValueError; RecursionError: nesting
         return Manifest(path, error=f"{path} is corrupt ({type(e).__name__}: {str(e)[:200]}): reinstall kbit")
 
