@@ -8,7 +8,7 @@ set -eu
 repo=$(cd "$(dirname "$0")/.." && pwd)
 build=${KBIT_DEV_BUILD:-/tmp/kb-cpu}
 python=${PYTHON:-python3}
-cmake -S "$repo" -B "$build" >/dev/null
+cmake -S "$repo" -B "$build" -DKBIT_CUDA=OFF >/dev/null
 cmake --build "$build" -j2
 lib=$(find "$build" -name libkbit_cpu.so -print -quit)
 [ -n "$lib" ] || { echo "dev_layout: no libkbit_cpu.so under $build" >&2; exit 1; }

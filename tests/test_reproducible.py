@@ -62,14 +62,14 @@ def _assert_identical(a: Path, b: Path, tmp_path: Path) -> None:
 
 def test_cpu_library_is_byte_identical_from_two_build_dirs(tmp_path, zig_args):
     for name in ("a", "b"):
-        _build(tmp_path / name, ["-DKBIT_CPU=ON", *zig_args], {"CCACHE_DISABLE": "1"})
+        _build(tmp_path / name, ["-DKBIT_CPU=ON", "-DKBIT_CUDA=OFF", *zig_args], {"CCACHE_DISABLE": "1"})
     _assert_identical(tmp_path / "a" / "libkbit_cpu.so", tmp_path / "b" / "libkbit_cpu.so", tmp_path)
 
 
 @pytest.mark.skipif(shutil.which("ccache") is None, reason="no ccache")
 def test_a_fresh_build_dir_compiles_from_the_cache(tmp_path, zig_args):
     env = ccache_env(tmp_path / "ccache", REPO)
-    args = ["-DKBIT_CPU=ON", *zig_args, "-DCMAKE_CXX_COMPILER_LAUNCHER=ccache"]
+    args = ["-DKBIT_CPU=ON", "-DKBIT_CUDA=OFF", *zig_args, "-DCMAKE_CXX_COMPILER_LAUNCHER=ccache"]
     _build(tmp_path / "a", args, env)
     subprocess.run(["ccache", "--zero-stats"], env={**os.environ, **env}, check=True, capture_output=True)
     _build(tmp_path / "b", args, env)
