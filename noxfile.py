@@ -107,8 +107,10 @@ def _install_build_tools(session: nox.Session) -> None:
         session.install(*BUILD_DEPS)
 
 
-def _stage_cuda_libraries(session: nox.Session, args: argparse.Namespace, revision: str) -> list[dict]:
-    """Build each selected row's library and stage it, with its build record, in build/stage/."""
+def _stage_cuda_libraries(session: nox.Session, args: argparse.Namespace, revision: str,
+                          skipped: list) -> list[dict]:
+    """Build each selected row's library and stage it, with its build record, in build/stage/; the
+    rows this machine cannot build are appended to `skipped` as (row, why)."""
     from kbit_ci.build_row import available_rows, build_row
     from kbit_ci.matrix import load_matrix, select_rows, with_extra_archs
     from kbit_ci.proc import log
@@ -128,6 +130,7 @@ def _stage_cuda_libraries(session: nox.Session, args: argparse.Namespace, revisi
             session.error(f"CUDA {row.cuda} cannot be built here: {why_not}")
         else:
             log(f"skipping CUDA {row.cuda}: {why_not}")
+            skipped.append((row, why_not))
     if not chosen:
         session.error("no CUDA row can be built on this machine (see the reasons above); use --no-cuda for a CPU-only wheel")
     log("building CUDA rows: " + ", ".join(str(r.cuda) for r in chosen))
@@ -207,12 +210,12 @@ def _slim_wheels(wheel: Path) -> list[Path]:
     return [s.path for s in slim_wheels(wheel, DIST / "slim")]
 
 
-def _report(records: list[dict], wheel: Path, seconds: float, slim: list[Path]) -> None:
+def _report(records: list[dict], wheel: Path, seconds: float, slim: list[Path], unbuilt: list[str]) -> None:
     """The table in the log, dist/report.md and dist/report.png (ci/report.py)."""
     from kbit_ci.proc import log
     from report import write_report
 
-    lines, _ = write_report(wheel, records, DIST, seconds, slim)
+    lines, _ = write_report(wheel, records, DIST, seconds, slim, unbuilt)
     for line in lines:
         log(line)
 
@@ -223,20 +226,25 @@ def build(session: nox.Session) -> None:
     t0 = time.monotonic()
     args = _build_args(session.posargs)
     _install_build_tools(session)
-    from kbit_ci.build_row import git_revision
+    from kbit_ci.build_row import git_revision, resolve_mode, unbuilt_summary
+    from kbit_ci.proc import log
 
     revision = git_revision(REPO)
+    skipped: list = []
     if args.staged:
         records = _staged_records(session)
     else:
-        records = _stage_cuda_libraries(session, args, revision)
+        records = _stage_cuda_libraries(session, args, revision, skipped)
+    unbuilt = unbuilt_summary(skipped, resolve_mode(args.mode))
     if args.library_only:
         session.log(f"staged in {STAGE}: " + ", ".join(p.name for p in sorted(STAGE.glob("libkbit_cuda*"))))
-        return
-    wheel = _wheel(session, revision)
-    _sdist(session)
-    slim = _slim_wheels(wheel)
-    _report(records, wheel, time.monotonic() - t0, slim)
+    else:
+        wheel = _wheel(session, revision)
+        _sdist(session)
+        slim = _slim_wheels(wheel)
+        _report(records, wheel, time.monotonic() - t0, slim, unbuilt)
+    for line in unbuilt:  # once, at the very end
+        log(line)
 
 
 def _dist_wheel(session: nox.Session) -> Path:

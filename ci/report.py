@@ -281,7 +281,7 @@ _NOTABLE_DEVICES = ((8, 7), (10, 3), (12, 1))
 
 
 def write_report(wheel: Path, records: Sequence[Mapping[str, Any]], out_dir: Path, seconds: float,
-                 slim: Sequence[Path] = ()) -> tuple[list[str], Path]:
+                 slim: Sequence[Path] = (), unbuilt: Sequence[str] = ()) -> tuple[list[str], Path]:
     """Read the wheel, write out_dir/report.md and report.png; returns the log lines and the .md path."""
     with zipfile.ZipFile(wheel) as z:
         manifest = json.loads(z.read("kbit/manifest.json"))
@@ -293,7 +293,8 @@ def write_report(wheel: Path, records: Sequence[Mapping[str, Any]], out_dir: Pat
     md = out_dir / "report.md"
     md.write_text(markdown(rs, wheel=wheel.name, wheel_size=wheel.stat().st_size, seconds=seconds,
                            slim=[(p.name, p.stat().st_size) for p in slim],
-                           covered=coverage_markdown(manifest, _NOTABLE_DEVICES)))
+                           covered=[*coverage_markdown(manifest, _NOTABLE_DEVICES),
+                                    *(["", "```", *unbuilt, "```"] if unbuilt else [])]))
     lines = [*text_table(rs), f"wheel: {wheel.name} ({_mb(wheel.stat().st_size)}), total {seconds:.0f} s"]
     lines += [f"slim:  {p.name} ({_mb(p.stat().st_size)})" for p in slim]
     lines.append(f"report: {md} and {out_dir / 'report.png'}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -347,3 +349,46 @@ def test_the_gpu_code_list_tells_archs_apart() -> None:
         pytest.skip("no row's toolkit is here")
     codes = _gpu_codes(row)
     assert row.ptx in codes and "77" not in codes and "91" not in codes
+
+
+def test_unbuilt_rows_are_summed_up_once_with_the_command_that_builds_them() -> None:
+    from kbit_ci.build_row import unbuilt_summary
+
+    by = {str(r.cuda): r for r in ROWS}
+    skipped = [(by["12.0"], "x"), (by["12.6"], "y"), (by["11.8"], "CUDA 11.8 needs g++ 9..11, PATH has g++ 12.2.0")]
+    lines = unbuilt_summary(skipped)
+    assert lines[0] == "not built here: 3 rows of ci/matrix.toml"
+    assert "  CUDA 12.0, 12.6: only NVIDIA's devel images carry their toolkits" in lines[1]
+    assert lines[2] == "    nox -s build -- --cuda 12.0 --cuda 12.6"
+    assert lines[3].startswith("  CUDA 11.8: CUDA 11.8 needs g++ 9..11") and lines[4] == "    nox -s build -- --cuda 11.8"
+    host = unbuilt_summary(skipped[:1], mode="host")
+    assert "installed CUDA of exactly that version" in host[1] and host[2] == "    nox -s build -- --host --cuda 12.0"
+    assert unbuilt_summary([]) == []
+
+
+def test_a_row_whose_nvcc_refuses_the_hosts_gxx_fetches_its_own() -> None:
+    """11.8's nvcc takes g++ <= 11; on a Debian host whose PATH has only g++ 12 the build fetches the
+    g++-11 its image installs (it is not asked for here: no network in this test)."""
+    from kbit_ci.toolkits import fetchable_host_compiler
+
+    row = next(r for r in ROWS if str(r.cuda) == "11.8")
+    assert row.debian is not None and row.debian.gxx == "g++-11" and row.gcc[1] == 11
+    if shutil.which("apt-get") and shutil.which("dpkg-deb"):
+        assert fetchable_host_compiler(row) in ("g++-11", None)  # None: a host whose apt sources are not Debian's
+    pypi_row = next(r for r in ROWS if r.pypi is not None)
+    assert fetchable_host_compiler(pypi_row) is None
+
+
+@pytest.mark.slow
+def test_the_fetched_gxx_compiles() -> None:
+    """g++-11 from Debian bookworm, unpacked into the cache (42 MB, once), compiles C++ with its own
+    libstdc++ headers from where it lies."""
+    from kbit_ci.toolkits import cache_dir, debian_host_compiler, fetchable_host_compiler
+
+    row = next(r for r in ROWS if str(r.cuda) == "11.8")
+    if fetchable_host_compiler(row) is None:
+        pytest.skip("not a Debian host with apt-get, dpkg-deb and a Debian mirror")
+    host = debian_host_compiler(row, cache_dir(os.environ))
+    assert host.name == "g++-11" and host.major == 11
+    r = subprocess.run([host.path, "-v", "-E", "-x", "c++", "/dev/null"], capture_output=True, text=True, check=True)
+    assert str(Path(host.path).parents[1] / "include" / "c++" / "11") in r.stderr  # its own headers, relocated

@@ -24,7 +24,14 @@ from . import REPO, containers, proc
 from .errors import BuildError, CommandError, ToolkitUnavailable
 from .matrix import Row
 from .portable import POLICY, Zig, ensure_zig, zig_cmake_args
-from .toolkits import cache_dir, find_host_compiler, find_toolkit, parse_nvcc_version, system_toolkit
+from .toolkits import (
+    cache_dir,
+    fetchable_host_compiler,
+    find_host_compiler,
+    find_toolkit,
+    parse_nvcc_version,
+    system_toolkit,
+)
 
 __all__ = [
     "BuiltLibrary",
@@ -140,10 +147,11 @@ def _why_not_container(row: Row) -> str | None:
 
 
 def _why_not_host(row: Row) -> str | None:
-    try:
-        find_host_compiler(row, os.environ)
-    except ToolkitUnavailable as e:
-        return str(e)
+    if fetchable_host_compiler(row) is None:  # else the build fetches the row's own g++ from Debian
+        try:
+            find_host_compiler(row, os.environ)
+        except ToolkitUnavailable as e:
+            return str(e)
     if row.pypi is not None:
         return None
     if row.debian is not None:
@@ -159,6 +167,29 @@ def _why_not_host(row: Row) -> str | None:
     except ToolkitUnavailable as e:
         return str(e)
     return None
+
+
+def unbuilt_summary(skipped: Sequence[tuple[Row, str]], mode: str = "container") -> list[str]:
+    """The end of a build's log: the rows this machine did not build, grouped by why, each group with
+    the one command that builds them where that reason does not hold. Pure."""
+    if not skipped:
+        return []
+    groups: dict[str, list[Row]] = {}
+    for row, why in skipped:
+        if row.debian is None and row.pypi is None and row.nvidia_image:
+            key = ("only NVIDIA's devel images carry their toolkits, and no image registry answers here; "
+                   "on a machine whose podman or docker reaches one")
+            if mode == "host":
+                key = "only an installed CUDA of exactly that version serves them on a host; with it as CUDA_HOME"
+        else:
+            key = why
+        groups.setdefault(key, []).append(row)
+    lines = [f"not built here: {len(skipped)} row{'s' if len(skipped) != 1 else ''} of ci/matrix.toml"]
+    for key, rows in groups.items():
+        host = " --host" if mode == "host" else ""
+        lines.append(f"  CUDA {', '.join(str(r.cuda) for r in rows)}: {key}:")
+        lines.append(f"    nox -s build --{host} " + " ".join(f"--cuda {r.cuda}" for r in rows))
+    return lines
 
 
 def available_rows(rows: Sequence[Row], mode: Mode = "auto") -> list[tuple[Row, str | None]]:

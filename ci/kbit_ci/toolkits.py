@@ -165,17 +165,67 @@ def _compilers_on_path(env: Mapping[str, str]) -> dict[str, tuple[str, str]]:
     return found
 
 
-def find_host_compiler(row: Row, env: Mapping[str, str]) -> HostCompiler:
+def fetchable_host_compiler(row: Row) -> str | None:
+    """The g++ a Debian row's image installs (e.g. "g++-11" for 11.8), when this host could fetch it
+    privately (apt-get, dpkg-deb and a Debian mirror in its sources); else None."""
+    if row.debian is None or not row.debian.gxx or shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
+        return None
+    from .containers import host_debian_mirror
+
+    try:
+        host_debian_mirror()
+    except ToolkitUnavailable:
+        return None
+    return row.debian.gxx
+
+
+def find_host_compiler(row: Row, env: Mapping[str, str], cache: Path | None = None) -> HostCompiler:
+    """A g++ within the row's bounds: on PATH, else (given a cache) the one its image uses, fetched from
+    Debian into the cache (nvcc 11.8 refuses the g++ 12 of Debian 12, whose archive has g++-11)."""
     found = _compilers_on_path(env)
     name = pick_host_compiler({n: int(v.split(".")[0]) for n, (_, v) in found.items()}, row.gcc)
-    if name is None:
-        have = ", ".join(f"{n} {v}" for n, (_, v) in sorted(found.items())) or "none"
-        raise ToolkitUnavailable(
-            f"CUDA {row.cuda} needs g++ {row.gcc[0]}..{row.gcc[1]}, PATH has {have} "
-            f"(fix: apt-get install g++-{row.gcc[1]})"
-        )
-    path, ver = found[name]
-    return HostCompiler(name=name, path=path, version=ver)
+    if name is not None:
+        path, ver = found[name]
+        return HostCompiler(name=name, path=path, version=ver)
+    if cache is not None and fetchable_host_compiler(row):
+        return debian_host_compiler(row, cache)
+    have = ", ".join(f"{n} {v}" for n, (_, v) in sorted(found.items())) or "none"
+    raise ToolkitUnavailable(
+        f"CUDA {row.cuda} needs g++ {row.gcc[0]}..{row.gcc[1]}, PATH has {have} "
+        f"(fix: apt-get install g++-{row.gcc[1]})"
+    )
+
+
+_SMOKE_CXX = "#include <vector>\nint main() { std::vector<int> v(3); return (int)v.size() - 3; }\n"
+
+
+def debian_host_compiler(row: Row, cache: Path) -> HostCompiler:
+    """The row's g++ (row.debian.gxx) from its Debian suite, unpacked into the cache: GCC finds its
+    cc1plus and libstdc++ headers relative to itself, so it runs from there (checked by a compile)."""
+    assert row.debian is not None and row.debian.gxx
+    gxx, suite = row.debian.gxx, row.debian.suite
+    n = gxx.removeprefix("g++-")
+    root = cache / "toolkits" / f"{gxx}-{suite}"
+    stamp = root / "kbit-toolkit.json"
+    packages = [f"g++-{n}", f"gcc-{n}", f"cpp-{n}", f"libstdc++-{n}-dev", f"libgcc-{n}-dev", f"gcc-{n}-base"]
+    want = {"packages": packages, "suite": suite}
+    if not _stamp_ok(stamp, want):
+        with proc.step(f"{gxx} from Debian {suite} into {root} (the host compiler of CUDA {row.cuda})"):
+            debs = _apt_download(cache, [suite], packages, cache / "debs" / f"{gxx}-{suite}", target=suite)
+            shutil.rmtree(root, ignore_errors=True)
+            root.mkdir(parents=True)
+            for deb in debs:
+                proc.run(["dpkg-deb", "-x", deb, root], quiet=True)
+            stamp.write_text(json.dumps(want))
+    exe = root / "usr" / "bin" / gxx
+    try:
+        version = proc.run([exe, "-dumpfullversion"], capture=True, quiet=True).stdout.strip()
+        smoke = root / "kbit-smoke.cpp"
+        smoke.write_text(_SMOKE_CXX)
+        proc.run([exe, "-c", smoke, "-o", root / "kbit-smoke.o"], capture=True, quiet=True)
+    except CommandError as e:
+        raise ToolkitUnavailable(f"{exe} (fetched from Debian {suite}) does not compile: {e}") from None
+    return HostCompiler(name=gxx, path=str(exe), version=version)
 
 
 # ---------------------------------------------------------------- providers
@@ -214,7 +264,7 @@ def system_toolkit(row: Row, cache: Path, env: Mapping[str, str]) -> Toolkit | N
         if cuda != row.cuda:
             seen.append(f"{root}: CUDA {cuda}")
             continue
-        host = find_host_compiler(row, env)
+        host = find_host_compiler(row, env, cache)
         return Toolkit(
             source="system", cuda=cuda, version=full, nvcc=nvcc, root=root, nvcc_version=line,
             host_compiler=host, cmake_args=(f"-DCUDAToolkit_ROOT={root}",),
@@ -285,7 +335,7 @@ def pypi_toolkit(row: Row, cache: Path, env: Mapping[str, str]) -> Toolkit | Non
         raise Miss(f"{nvcc} is CUDA {cuda}")
     return Toolkit(
         source="pypi", cuda=cuda, version=row.pypi.toolkit_version, nvcc=nvcc, root=root, nvcc_version=line,
-        host_compiler=find_host_compiler(row, env), cmake_args=(f"-DCUDAToolkit_ROOT={root}",),
+        host_compiler=find_host_compiler(row, env, cache), cmake_args=(f"-DCUDAToolkit_ROOT={root}",),
     )
 
 
@@ -301,6 +351,23 @@ def _apt_options(base: Path) -> list[str]:
     ]
 
 
+def _apt_download(cache: Path, suites: Sequence[str], wanted: Sequence[str], debs: Path,
+                  target: str) -> list[Path]:
+    """apt-get download `wanted` (NAME or NAME=VERSION) from the host's Debian mirror's `suites`, with a
+    private apt configuration under cache/apt (signed Release files checked); the .debs in `debs`."""
+    from .containers import host_debian_mirror
+
+    apt = cache / "apt" / "-".join(suites)
+    for p in (apt / "lists" / "partial", apt / "cache" / "archives" / "partial", debs):
+        p.mkdir(parents=True, exist_ok=True)
+    (apt / "sources.list").write_text(debian_sources_list(
+        host_debian_mirror(), list(suites), undated=[s for s in suites if s in ("sid", "unstable", "experimental")]))
+    opts = _apt_options(apt)
+    proc.run(["apt-get", *opts, "update", "-q"])
+    proc.run(["apt-get", *opts, "-t", target, "download", *wanted], cwd=debs)
+    return sorted(debs.glob("*.deb"))
+
+
 def debian_toolkit(row: Row, cache: Path, env: Mapping[str, str]) -> Toolkit | None:
     """Debian's non-free toolkit packages, downloaded and unpacked privately (no root needed)."""
     if row.debian is None:
@@ -308,30 +375,18 @@ def debian_toolkit(row: Row, cache: Path, env: Mapping[str, str]) -> Toolkit | N
     for tool in ("apt-get", "dpkg-deb"):
         if shutil.which(tool) is None:
             raise Miss(f"{tool} not found (not a Debian-family host)")
-    from .containers import host_debian_mirror
-
     d = row.debian
     root = cache / "toolkits" / f"debian-{row.id}"
     stamp = root / "kbit-toolkit.json"
     want = {"packages": dict(sorted(d.packages.items())), "extra": list(DEBIAN_EXTRA_PACKAGES)}
     if not _stamp_ok(stamp, want):
-        mirror = host_debian_mirror()
         suites = [d.suite] + ([d.extra_suite] if d.extra_suite else [])
-        apt = cache / "apt" / "-".join(suites)
-        debs = cache / "debs" / row.id
-        for p in (apt / "lists" / "partial", apt / "cache" / "archives" / "partial", debs):
-            p.mkdir(parents=True, exist_ok=True)
-        (apt / "sources.list").write_text(debian_sources_list(
-            mirror, suites, undated=[s for s in suites if s in ("sid", "unstable", "experimental")]))
-        opts = _apt_options(apt)
-        target = ["-t", d.extra_suite] if d.extra_suite else ["-t", d.suite]
         with proc.step(f"CUDA {row.cuda} from Debian {'+'.join(suites)} into {root}"):
-            proc.run(["apt-get", *opts, "update", "-q"])
             wanted = [f"{n}={v}" for n, v in sorted(d.packages.items())] + list(DEBIAN_EXTRA_PACKAGES)
-            proc.run(["apt-get", *opts, *target, "download", *wanted], cwd=debs)
+            debs = _apt_download(cache, suites, wanted, cache / "debs" / row.id, target=d.extra_suite or d.suite)
             shutil.rmtree(root, ignore_errors=True)
             root.mkdir(parents=True)
-            for deb in sorted(debs.glob("*.deb")):
+            for deb in debs:
                 proc.run(["dpkg-deb", "-x", deb, root], quiet=True)
             stamp.write_text(json.dumps(want))
     _relocate_debian_toolkit(root / "usr")
@@ -343,7 +398,7 @@ def debian_toolkit(row: Row, cache: Path, env: Mapping[str, str]) -> Toolkit | N
         raise Miss(f"{nvcc} is CUDA {cuda}")
     return Toolkit(
         source="debian", cuda=cuda, version=d.toolkit_version, nvcc=nvcc, root=root / "usr", nvcc_version=line,
-        host_compiler=find_host_compiler(row, env),
+        host_compiler=find_host_compiler(row, env, cache),
         env={"PATH": f"{root / 'usr' / 'bin'}{os.pathsep}{env.get('PATH', os.defpath)}"},
         cmake_args=(f"-DCUDAToolkit_ROOT={root / 'usr'}",),
     )
