@@ -212,14 +212,15 @@ def _slim_wheels(wheel: Path) -> list[Path]:
     return [s.path for s in slim_wheels(wheel, DIST / "slim")]
 
 
-def _report(records: list[dict], wheel: Path, seconds: float, slim: list[Path], unbuilt: list[str]) -> None:
-    """The table in the log, dist/report.md and dist/report.png (ci/report.py)."""
-    from kbit_ci.proc import log
-    from report import write_report
-
-    lines, _ = write_report(wheel, records, DIST, seconds, slim, unbuilt)
-    for line in lines:
-        log(line)
+def _report(session: nox.Session, wheel: Path, seconds: float, unbuilt: list[str]) -> None:
+    """The table in the log, dist/report.md and dist/report.png: ci/report.py in the session, whose
+    venv has matplotlib (nox's own interpreter need not), from the build records in build/stage/."""
+    args = ["python", str(REPO / "ci" / "report.py"), str(wheel), str(STAGE), "--seconds", f"{seconds:.1f}"]
+    if unbuilt:
+        note = REPO / "build" / "unbuilt.txt"
+        note.write_text("\n".join(unbuilt) + "\n")
+        args += ["--unbuilt", str(note)]
+    session.run(*args)
 
 
 @nox.session(python=PYTHON)
@@ -234,17 +235,17 @@ def build(session: nox.Session) -> None:
     revision = git_revision(REPO)
     skipped: list = []
     if args.staged:
-        records = _staged_records(session)
+        _staged_records(session)  # every staged library has its record (the report reads them)
     else:
-        records = _stage_cuda_libraries(session, args, revision, skipped)
+        _stage_cuda_libraries(session, args, revision, skipped)
     unbuilt = unbuilt_summary(skipped, resolve_mode(args.mode))
     if args.library_only:
         session.log(f"staged in {STAGE}: " + ", ".join(p.name for p in sorted(STAGE.glob("libkbit_cuda*"))))
     else:
         wheel = _wheel(session, revision)
         _sdist(session)
-        slim = _slim_wheels(wheel)
-        _report(records, wheel, time.monotonic() - t0, slim, unbuilt)
+        _slim_wheels(wheel)
+        _report(session, wheel, time.monotonic() - t0, unbuilt)
     for line in unbuilt:  # once, at the very end
         log(line)
 

@@ -8,6 +8,8 @@ tables and the chart are functions over plain data (`rows`, `markdown`, `text_ta
 installed in the build session only (never a runtime dependency).
 
     python ci/report.py dist/kbit-*.whl [build/stage]      # rewrite dist/report.{md,png} for a wheel
+
+`nox -s build` runs it in its session (where matplotlib is installed), not in nox's own interpreter.
 """
 
 from __future__ import annotations
@@ -261,12 +263,18 @@ def write_report(wheel: Path, records: Sequence[Mapping[str, Any]], out_dir: Pat
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) not in (1, 2):
-        print(__doc__, file=sys.stderr)
-        return 2
-    wheel = Path(argv[0])
-    records = read_records(Path(argv[1])) if len(argv) == 2 else []
-    lines, _ = write_report(wheel, records, wheel.parent, 0.0, sorted((wheel.parent / "slim").glob("kbit-*.whl")))
+    import argparse
+
+    p = argparse.ArgumentParser(description="Write dist/report.md and report.png for a built wheel.")
+    p.add_argument("wheel", type=Path)
+    p.add_argument("stage", type=Path, nargs="?", help="the folder of the build records (build/stage)")
+    p.add_argument("--seconds", type=float, default=0.0, help="how long the build took")
+    p.add_argument("--unbuilt", type=Path, help="a file of the lines saying which rows were not built")
+    a = p.parse_args(argv)
+    records = read_records(a.stage) if a.stage else []
+    unbuilt = a.unbuilt.read_text().splitlines() if a.unbuilt else []
+    lines, _ = write_report(a.wheel, records, a.wheel.parent, a.seconds,
+                            sorted((a.wheel.parent / "slim").glob("kbit-*.whl")), unbuilt)
     print("\n".join(lines))
     return 0
 
