@@ -132,10 +132,10 @@ def _s(x: Optional[float], cached: bool = False) -> str:
 def text_table(rs: Sequence[ReportRow]) -> list[str]:
     """The table as log lines."""
     lines = [f"{'library':<22} {'cuda':<5} {'cubin archs':<32} {'ptx':<5} {'size':>9} {'zipped':>9} "
-             f"{'build':>8}  toolkit"]
+             f"{'build':>14}  toolkit"]
     for r in rs:
         lines.append(f"{r.library:<22} {r.cuda or '-':<5} {','.join(r.archs) or '-':<32} "
-                     f"{','.join(r.ptx) or '-':<5} {_mb(r.size):>9} {_mb(r.zipped):>9} {_s(r.seconds, r.cached):>8}  {r.toolkit}")
+                     f"{','.join(r.ptx) or '-':<5} {_mb(r.size):>9} {_mb(r.zipped):>9} {_s(r.seconds, r.cached):>14}  {r.toolkit}")
     return lines
 
 
