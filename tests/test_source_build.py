@@ -71,12 +71,13 @@ def _build_and_install(tmp: Path, env: dict[str, str], *defines: str) -> tuple[d
     venv = tmp / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
-    site = next(venv.glob("lib/python3*/site-packages"))
-    import torch
-
-    (site / "borrowed-torch.pth").write_text(str(Path(torch.__file__).resolve().parents[1]) + "\n")
     subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", str(wheel)],
                    check=True, timeout=300)
+    # torch only after kbit is in: pip would otherwise see this venv's kbit through the borrowed path
+    import torch
+
+    site = next(venv.glob("lib/python3*/site-packages"))
+    (site / "zz-borrowed-torch.pth").write_text(str(Path(torch.__file__).resolve().parents[1]) + "\n")
     return manifest, python, r.stdout + r.stderr
 
 
