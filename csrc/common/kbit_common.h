@@ -72,6 +72,7 @@ inline const char* kbit_own_status_string(int status) {
     case KBIT_ERR_TOO_LARGE: return "too many elements for this kernel";
     case KBIT_ERR_INTERNAL: return "internal error in kbit (please report it)";
     case KBIT_ERR_UNSUPPORTED_QUANT_TYPE: return "unsupported 4-bit quant type (needs KBIT_QUANT_FP4 or KBIT_QUANT_NF4)";
+    case KBIT_ERR_OUT_OF_MEMORY: return "out of memory (a work buffer could not be allocated)";
     default: return NULL;
   }
 }
@@ -91,6 +92,17 @@ inline int check_gemv4(int dtype, int quant_type, const void* A, const void* pac
   if (out == NULL) return KBIT_ERR_INVALID_ARGUMENT;
   if (k_in > 0 && (A == NULL || packed == NULL || absmax == NULL)) return KBIT_ERR_INVALID_ARGUMENT;
   if (n_out > INT64_MAX / 8 || (k_in > 0 && n_out > (INT64_MAX / 8) / k_in)) return KBIT_ERR_TOO_LARGE;
+  return KBIT_OK;
+}
+
+/* kbit_matmul_4bit: as the GEMV, for m_rows rows of A (m_rows * k_in and m_rows * n_out indexable too). */
+inline int check_matmul4(int dtype, int quant_type, const void* A, const void* packed, const void* absmax,
+                         const void* out, int64_t m_rows, int64_t n_out, int64_t k_in, int32_t blocksize) {
+  if (m_rows < 0) return KBIT_ERR_INVALID_ARGUMENT;
+  int status = check_gemv4(dtype, quant_type, A, packed, absmax, out, n_out, k_in, blocksize);
+  if (status != KBIT_OK || n_out == 0 || m_rows == 0) return status;
+  if (out == NULL) return KBIT_ERR_INVALID_ARGUMENT;
+  if (m_rows > INT64_MAX / 8 / n_out || (k_in > 0 && m_rows > (INT64_MAX / 8) / k_in)) return KBIT_ERR_TOO_LARGE;
   return KBIT_OK;
 }
 

@@ -1,8 +1,9 @@
 /*
  * Which runtime-dispatched SIMD kernels the CPU library may use. One switch for every kernel:
  * KBIT_CPU_SIMD=0 in the environment forces the portable x86-64 (or non-x86) loops, which give
- * bit-identical results (but for the GEMV, whose FMA kernel sums in another order); it is
- * read on every call so tests can compare both paths in one process.
+ * bit-identical results (but for the GEMV and the matmul, whose FMA kernels sum in another order);
+ * KBIT_CPU_SIMD=avx2 allows AVX2 but not AVX-512 (the matmul's AVX-512 kernels). It is read on
+ * every call so tests can compare the paths in one process.
  */
 #ifndef KBIT_CPU_CPU_FEATURES_H_
 #define KBIT_CPU_CPU_FEATURES_H_
@@ -16,10 +17,19 @@
 namespace kbit {
 namespace cpu {
 
-inline bool simd_allowed() {
+/* SIMD levels, in order. */
+enum SimdLevel : unsigned { kSimdNone = 0, kSimdAvx2 = 1, kSimdAvx512 = 2 };
+
+/* The highest level KBIT_CPU_SIMD allows: "0" none, "avx2" AVX2, anything else (unset, "1") all. */
+inline unsigned simd_cap() {
   const char* env = getenv("KBIT_CPU_SIMD");
-  return env == NULL || strcmp(env, "0") != 0;
+  if (env == NULL) return kSimdAvx512;
+  if (strcmp(env, "0") == 0) return kSimdNone;
+  if (strcmp(env, "avx2") == 0) return kSimdAvx2;
+  return kSimdAvx512;
 }
+
+inline bool simd_allowed() { return simd_cap() != kSimdNone; }
 
 #if defined(__x86_64__) || defined(__i386__)
 /* CPUID bits of AVX2 and FMA, and whether the OS saves the YMM registers (XGETBV). Read straight
@@ -47,6 +57,41 @@ inline bool avx2_usable(bool fma) {
   if (f == 0) cached = f = read_avx_features() | 4u;
   return fma ? (f & 2u) != 0 : (f & 1u) != 0;
 }
+
+/* CPUID bits of AVX-512 F/BW/VL (1) and BF16 (2), and whether the OS saves the opmask and ZMM
+ * registers (XCR0 bits 5-7, with XMM and YMM). */
+inline unsigned read_avx512_features() {
+  unsigned a, b, c, d;
+  if (!__get_cpuid(1, &a, &b, &c, &d) || !((c >> 27) & 1u)) return 0;
+  unsigned xcr0_lo, xcr0_hi;
+  __asm__ volatile("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
+  if ((xcr0_lo & 0xE6u) != 0xE6u) return 0;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
+  const bool f = (b >> 16) & 1u, bw = (b >> 30) & 1u, vl = (b >> 31) & 1u;
+  if (!(f && bw && vl)) return 0;
+  const unsigned max_sub = a;
+  bool bf16 = false;
+  if (max_sub >= 1 && __get_cpuid_count(7, 1, &a, &b, &c, &d)) bf16 = (a >> 5) & 1u;
+  return 1u | (bf16 ? 2u : 0u);
+}
+
+inline unsigned avx512_features() {
+  static volatile unsigned cached = 0; /* features | 4 once known */
+  unsigned f = cached;
+  if (f == 0) cached = f = read_avx512_features() | 4u;
+  return f;
+}
+
+/* The highest SIMD level this CPU has (AVX2 means AVX2 + FMA) and KBIT_CPU_SIMD allows. */
+inline unsigned simd_level() {
+  unsigned cap = simd_cap();
+  if (cap >= kSimdAvx512 && (avx512_features() & 1u) && avx2_usable(true)) return kSimdAvx512;
+  if (cap >= kSimdAvx2 && avx2_usable(true)) return kSimdAvx2;
+  return kSimdNone;
+}
+
+/* AVX-512-BF16 (vdpbf16ps, vcvtne2ps2bf16) usable: the CPU has it and AVX-512 is allowed. */
+inline bool avx512_bf16_usable() { return simd_level() >= kSimdAvx512 && (avx512_features() & 2u) != 0; }
 #endif
 
 }  // namespace cpu

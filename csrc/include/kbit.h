@@ -29,7 +29,7 @@
 extern "C" {
 #endif
 
-#define KBIT_ABI_VERSION 2
+#define KBIT_ABI_VERSION 3
 
 /* Status codes. */
 #define KBIT_OK 0
@@ -39,6 +39,7 @@ extern "C" {
 #define KBIT_ERR_TOO_LARGE 4            /* an element count the kernel cannot index */
 #define KBIT_ERR_INTERNAL 5             /* a bug in kbit: please report it */
 #define KBIT_ERR_UNSUPPORTED_QUANT_TYPE 6 /* quant_type is not one of KBIT_QUANT_* */
+#define KBIT_ERR_OUT_OF_MEMORY 7        /* a work buffer could not be allocated */
 #define KBIT_STATUS_CUDA_BASE 1000      /* KBIT_STATUS_CUDA_BASE + cudaError_t */
 
 /* Element types of floating point inputs and outputs. */
@@ -143,6 +144,24 @@ KBIT_API int kbit_dequantize_4bit(int dtype, int quant_type, const uint8_t* pack
 KBIT_API int kbit_gemv_4bit(int dtype, int quant_type, const void* A, const uint8_t* packed, const float* absmax,
                             const void* bias, void* out, int64_t n_out, int64_t k_in, int32_t blocksize,
                             void* stream);
+
+/*
+ * The 4-bit matmul: out = A W'^T (+ bias) for m_rows rows of A, W as for kbit_gemv_4bit. A holds
+ * m_rows x k_in values of dtype (row-major), bias n_out values of dtype or is NULL, out m_rows x n_out
+ * values of dtype:
+ *   out[i][j] = sum_k A[i][k] * W'[j][k] (+ bias[j]),
+ * accumulated in float32 (the summation order is the kernel's; on the CPU it does not depend on the
+ * thread count or on m_rows), then rounded once to dtype. For dtype bfloat16 a kernel may round W' to
+ * bfloat16 before multiplying (the CPU's AVX-512-BF16 path does, flushing subnormal W' to 0, as a
+ * bfloat16 matmul of the dequantized weight would); float32 and float16 use W' exactly. The whole
+ * weight is read once per call on the CPU (the CUDA kernel reads it once per row of A, from L2 for
+ * small m_rows). out must not overlap the inputs. m_rows = 0 or n_out = 0 does nothing; k_in = 0
+ * writes bias (or 0). KBIT_ERR_OUT_OF_MEMORY: the CPU's work buffers (m_rows x k_in and
+ * m_rows x n_out floats) could not be allocated.
+ */
+KBIT_API int kbit_matmul_4bit(int dtype, int quant_type, const void* A, const uint8_t* packed, const float* absmax,
+                              const void* bias, void* out, int64_t m_rows, int64_t n_out, int64_t k_in,
+                              int32_t blocksize, void* stream);
 
 /* Block of the 8-bit optimizers: one absmax per KBIT_OPTIM8_BLOCKSIZE values of each state. */
 #define KBIT_OPTIM8_BLOCKSIZE 256
