@@ -31,6 +31,17 @@ __device__ __forceinline__ void store(void* p, int64_t i, float v) {
   }
 }
 
+/* p + i elements of DTYPE. */
+template <int DTYPE>
+__device__ __forceinline__ const void* offset(const void* p, int64_t i) {
+  return static_cast<const char*>(p) + i * (DTYPE == KBIT_DTYPE_F32 ? 4 : 2);
+}
+
+template <int DTYPE>
+__device__ __forceinline__ void* offset(void* p, int64_t i) {
+  return static_cast<char*>(p) + i * (DTYPE == KBIT_DTYPE_F32 ? 4 : 2);
+}
+
 /* Grid cap: enough blocks to fill any current GPU several times over; grid-stride loops do the rest
  * (and gridDim.x never overflows, whatever the element count). */
 const int64_t kMaxGrid = 65535;

@@ -79,7 +79,7 @@ class Spec:
     id: str
     make: Callable[[_native.NativeLibrary], Call]
     rule: str = "equal"  # or "gemv"
-    gemv: Optional[tuple] = None  # (dtype, quant_type, n_out, k_in, blocksize, bias?) for the rule
+    gemv: Optional[tuple] = None  # (dtype, quant_type, n_out, k_in, blocksize, bias?[, m_rows]) for the rule
 
 
 def blockwise8_specs() -> list[Spec]:
@@ -179,6 +179,38 @@ def gemv_specs() -> list[Spec]:
     return specs
 
 
+# (m_rows, n_out, k_in, blocksize) of the matmul: a few rows of A over the GEMV's kinds of layout
+# (whole blocks per row, blocks straddling rows, odd k_in), more rows than a grid-stride cap of blocks.
+MATMUL_SHAPES = [(2, 5, 64, 64), (3, 7, 104, 64), (5, 3, 33, 32), (4, 6, 256, 128), (9, 2, 32, 32)]
+
+
+def matmul_specs() -> list[Spec]:
+    specs = []
+    for dtype in KBIT_DTYPE:
+        for quant_type in QUANT:
+            for i, (m_rows, n_out, k_in, bs) in enumerate(MATMUL_SHAPES):
+                use_bias = i % 2 == 0
+                tag = f"{dtype}-{quant_type}-{m_rows}x{n_out}x{k_in}-bs{bs}{'-bias' if use_bias else ''}"
+
+                def make(cpu, dtype=dtype, quant_type=quant_type, m_rows=m_rows, n_out=n_out, k_in=k_in, bs=bs,
+                         use_bias=use_bias, tag=tag):
+                    n = n_out * k_in
+                    arrays = {"A": values(m_rows * k_in, dtype, seed=k_in + m_rows),
+                              "packed": rng(n + m_rows).integers(0, 256, (n + 1) // 2, dtype=np.uint8),
+                              "absmax": absmax_values(nblocks(n, bs), seed=n_out),
+                              "out": np.zeros(m_rows * n_out, NP_DTYPE[dtype])}
+                    if use_bias:
+                        arrays["bias"] = values(n_out, dtype, seed=n_out + 1)
+                    return Call(f"matmul-{tag}", "matmul_4bit",
+                                (KBIT_DTYPE[dtype], QUANT[quant_type], Arg("A"), Arg("packed"), Arg("absmax"),
+                                 Arg("bias") if use_bias else None, Arg("out"), m_rows, n_out, k_in, bs),
+                                arrays, ("out",))
+
+                specs.append(Spec(f"matmul_4bit-{tag}", make, rule="gemv",
+                                  gemv=(dtype, quant_type, n_out, k_in, bs, use_bias, m_rows)))
+    return specs
+
+
 ADAM = dict(beta1=0.9, beta2=0.995, eps=1e-8, weight_decay=0.01, lr=1e-3, gnorm_scale=1.0)
 
 
@@ -219,7 +251,7 @@ def adam_specs() -> list[Spec]:
     return specs
 
 
-SPECS = [*blockwise8_specs(), *blockwise4_specs(), *gemv_specs(), *adam_specs()]
+SPECS = [*blockwise8_specs(), *blockwise4_specs(), *gemv_specs(), *matmul_specs(), *adam_specs()]
 KERNEL_TEMPLATES = ["quantize_blockwise8_kernel", "dequantize_blockwise8_kernel", "quantize4_kernel",
                     "dequantize4_kernel", "gemv4_kernel", "adam8_kernel"]
 
@@ -230,7 +262,8 @@ KERNEL_TEMPLATES = ["quantize_blockwise8_kernel", "dequantize_blockwise8_kernel"
 def _gemv_reference(call: Call, spec: Spec) -> tuple[np.ndarray, np.ndarray]:
     """float64 W' @ A (+ bias) and the bound of kbit.h's float32 summation (any order) plus the final
     rounding to the output dtype."""
-    dtype, quant_type, n_out, k_in, bs, use_bias = spec.gemv
+    dtype, quant_type, n_out, k_in, bs, use_bias = spec.gemv[:6]
+    m_rows = spec.gemv[6] if len(spec.gemv) > 6 else 1
 
     def as64(a):
         if dtype == "bf16":
@@ -244,14 +277,16 @@ def _gemv_reference(call: Call, spec: Spec) -> tuple[np.ndarray, np.ndarray]:
     codes[0::2], codes[1::2] = packed >> 4, packed & 15
     codebook = F.get_4bit_code(quant_type).double().numpy()
     W = (codebook[codes[:n]] * call.arrays["absmax"].astype(np.float64)[np.arange(n) // bs]).reshape(n_out, k_in)
-    A = as64(call.arrays["A"])
-    ref = W @ A
-    mag = np.abs(W) @ np.abs(A)
+    A = as64(call.arrays["A"]).reshape(m_rows, k_in)
+    ref = (A @ W.T).reshape(-1)
+    mag = (np.abs(A) @ np.abs(W).T).reshape(-1)
     if use_bias:
-        bias = as64(call.arrays["bias"])
+        bias = np.tile(as64(call.arrays["bias"]), m_rows)
         ref, mag = ref + bias, mag + np.abs(bias)
     out_eps = {"f32": 0.0, "f16": 2.0**-11, "bf16": 2.0**-8}[dtype]
     tol = mag * (max(k_in, 1) * 2.0**-24 + 1e-7) + np.abs(ref) * out_eps + 1e-30
+    if m_rows > 1 or len(spec.gemv) > 6:  # kbit.h: a bfloat16 matmul may round W' to bfloat16 first
+        tol += mag * (2.0**-8 if dtype == "bf16" else 0.0)
     return ref, tol
 
 
@@ -273,7 +308,7 @@ def judge(spec: Spec, call: Call, cpu_out: dict, emu_out: dict) -> Optional[str]
         err = np.abs(got - ref)
         if not (err <= tol).all():
             worst = int(np.argmax(err / tol))
-            return f"the {who}'s GEMV row {worst} is {got[worst]!r}, float64 gives {ref[worst]!r} (bound {tol[worst]:.3g})"
+            return f"the {who}'s {spec.id.split('-')[0]} output {worst} is {got[worst]!r}, float64 gives {ref[worst]!r} (bound {tol[worst]:.3g})"
     return None
 
 
