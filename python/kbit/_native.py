@@ -40,7 +40,7 @@ __all__ = [
     "open_library",
 ]
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 """The KBIT_ABI_VERSION of kbit.h this runtime was written for."""
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -70,6 +70,10 @@ _SIGNATURES: Mapping[str, tuple[Any, list[Any]]] = {
     "kbit_gemv_4bit": (
         _c_int, [_c_int, _c_int, _c_void_p, _c_void_p, _c_void_p, _c_void_p, _c_void_p, _c_int64, _c_int64,
                  _c_int32, _c_void_p]),
+    # dtype, quant_type, A, packed, absmax, bias, out, m_rows, n_out, k_in, blocksize, stream
+    "kbit_matmul_4bit": (
+        _c_int, [_c_int, _c_int, _c_void_p, _c_void_p, _c_void_p, _c_void_p, _c_void_p, _c_int64, _c_int64,
+                 _c_int64, _c_int32, _c_void_p]),
     # dtype, p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, beta1, beta2, eps, weight_decay, lr, step,
     # gnorm_scale, decoupled_weight_decay, n, stream
     "kbit_adam_8bit_blockwise": (
@@ -117,6 +121,11 @@ class NativeLibrary:
                   out: int, n_out: int, k_in: int, blocksize: int, stream: Optional[int]) -> None:
         self._call("kbit_gemv_4bit", dtype, quant_type, A, packed, absmax, bias, out, n_out, k_in, blocksize,
                    stream)
+
+    def matmul_4bit(self, dtype: int, quant_type: int, A: int, packed: int, absmax: int, bias: Optional[int],
+                    out: int, m_rows: int, n_out: int, k_in: int, blocksize: int, stream: Optional[int]) -> None:
+        self._call("kbit_matmul_4bit", dtype, quant_type, A, packed, absmax, bias, out, m_rows, n_out, k_in,
+                   blocksize, stream)
 
     def adam_8bit_blockwise(self, dtype: int, p: int, g: int, state1: int, state2: int, absmax1: int,
                             absmax2: int, qmap1: int, qmap2: int, beta1: float, beta2: float, eps: float,

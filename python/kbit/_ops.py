@@ -409,6 +409,61 @@ def _gemv_backward(ctx: Any, grad: torch.Tensor) -> tuple[Optional[torch.Tensor]
 torch.library.register_autograd("kbit::gemv_4bit", _gemv_backward, setup_context=_gemv_setup_context, lib=_LIB)
 
 
+def _check_matmul_4bit(A: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, bias: Optional[torch.Tensor],
+                       n_out: Any, k_in: Any, blocksize: int, quant_type: str) -> None:
+    _count(n_out, "n_out")
+    _count(k_in, "k_in")
+    _blocksize(blocksize, 32)
+    _quant_type(quant_type)
+    _check(A, "A", A.device if isinstance(A, torch.Tensor) else None, _FLOATS)
+    if A.dim() == 0 or A.shape[-1] != k_in:
+        raise ValueError(f"A must have shape (..., {k_in}), got {tuple(A.shape)}")
+    n = n_out * k_in
+    _check(packed, "packed", A.device, _U8, (n + 1) // 2)
+    _check(absmax, "absmax", A.device, _F32, _blocks(n, blocksize))
+    if bias is not None:
+        _check(bias, "bias", A.device, (A.dtype,), n_out)
+
+
+@_define("matmul_4bit(Tensor A, Tensor packed, Tensor absmax, Tensor? bias, SymInt n_out, SymInt k_in, "
+         "int blocksize, str quant_type) -> Tensor", differentiable=True)
+def matmul_4bit(A: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, bias: Optional[torch.Tensor],
+                n_out: int, k_in: int, blocksize: int, quant_type: str) -> torch.Tensor:
+    """out = A W'^T (+ bias) for A of shape (..., k_in) and the (n_out, k_in) weight W quantized flat."""
+    _check_matmul_4bit(A, packed, absmax, bias, n_out, k_in, blocksize, quant_type)
+    dev = A.device
+    out = torch.empty((*A.shape[:-1], n_out), dtype=A.dtype, device=dev)
+    rows = A.numel() // k_in if k_in > 0 else math.prod(A.shape[:-1])
+    args = (_float_dtype(A.dtype, "A"), _quant_type(quant_type), A.data_ptr(), packed.data_ptr(), absmax.data_ptr(),
+            None if bias is None else bias.data_ptr(), out.data_ptr(), rows, n_out, k_in, blocksize)
+    with _on_device(dev):
+        _library(dev).matmul_4bit(*args, _stream(dev))
+    return out
+
+
+@_fake("matmul_4bit")
+def _(A: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, bias: Optional[torch.Tensor], n_out: int,
+      k_in: int, blocksize: int, quant_type: str) -> torch.Tensor:
+    _check_matmul_4bit(A, packed, absmax, bias, n_out, k_in, blocksize, quant_type)
+    return A.new_empty((*A.shape[:-1], n_out))
+
+
+def _matmul_backward(ctx: Any, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
+    """d out / d A = W' (the float32 dequantized weight), d out / d bias = 1; packed and absmax get none."""
+    packed, absmax = ctx.saved_tensors
+    grad_A = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        W = torch.ops.kbit.dequantize_4bit(packed, absmax, ctx.blocksize, ctx.quant_type, [ctx.n_out, ctx.k_in],
+                                           torch.float32)
+        grad_A = (grad.reshape(-1, ctx.n_out).float() @ W).reshape(ctx.shape).to(ctx.dtype)
+    if ctx.has_bias and ctx.needs_input_grad[3]:
+        grad_bias = grad.reshape(-1, ctx.n_out).float().sum(0).to(ctx.dtype)
+    return grad_A, None, None, grad_bias, None, None, None, None
+
+
+torch.library.register_autograd("kbit::matmul_4bit", _matmul_backward, setup_context=_gemv_setup_context, lib=_LIB)
+
+
 # --- 8-bit Adam ---------------------------------------------------------------------------------------
 
 

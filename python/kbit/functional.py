@@ -30,6 +30,7 @@ __all__ = [
     "dequantize_blockwise",
     "dynamic_map",
     "gemv_4bit",
+    "matmul_4bit",
     "get_4bit_code",
     "quantize_4bit",
     "quantize_blockwise",
@@ -591,3 +592,38 @@ def gemv_4bit(
     absmax = _absmax_4bit(state, n, B.device, "B")
     return torch.ops.kbit.gemv_4bit(A, B, absmax, bias, n_out, k_in, state.blocksize, state.quant_type)
 
+
+
+def matmul_4bit(
+    A: torch.Tensor, B: torch.Tensor, quant_state: QuantState4bit, bias: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """A @ W.T (+ bias) for A of shape (..., k_in) (any number of rows) and a 4-bit weight W of shape
+    (n_out, k_in), as torch.nn.functional.linear(A, dequantize_4bit(B, quant_state), bias) but without
+    materializing W: on the CPU a fused kernel reads the packed weight once per call (kbit.h:
+    kbit_matmul_4bit); on CUDA each row of A reads it (use it for a few rows).
+
+    A and bias (n_out values) are float32, float16 or bfloat16 of one dtype; the result has A's dtype
+    and shape (..., n_out). The sum is accumulated in float32; for bfloat16, the CPU's AVX-512-BF16
+    kernel rounds W' to bfloat16 first (as a bfloat16 matmul of the dequantized weight does).
+    Differentiable in A and bias."""
+    B, state, n = _check_state_4bit(B, quant_state, "B")
+    A = _check_tensor(A, "A")
+    if len(state.shape) != 2:
+        raise ValueError(f"quant_state.shape must be (n_out, k_in) of a 2-D weight, got {tuple(state.shape)}")
+    n_out, k_in = state.shape
+    if A.dtype not in _DTYPES:
+        raise TypeError(f"A must be {_DTYPE_NAMES}, got {A.dtype}")
+    if A.dim() == 0 or A.shape[-1] != k_in:
+        raise ValueError(f"A must have shape (..., {k_in}) for a weight of shape {tuple(state.shape)}, "
+                         f"got {tuple(A.shape)}")
+    _check_device(A, "A", B.device, "B")
+    _check_contiguous(A, "A")
+    if bias is not None:
+        bias = _check_tensor(bias, "bias")
+        if bias.dtype != A.dtype or bias.numel() != n_out:
+            raise ValueError(f"bias must hold {n_out} values of A's dtype {A.dtype}, got {bias.numel()} of "
+                             f"{bias.dtype}")
+        _check_device(bias, "bias", B.device, "B")
+        _check_contiguous(bias, "bias")
+    absmax = _absmax_4bit(state, n, B.device, "B")
+    return torch.ops.kbit.matmul_4bit(A, B, absmax, bias, n_out, k_in, state.blocksize, state.quant_type)
