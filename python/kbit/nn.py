@@ -10,13 +10,16 @@ transformers use, so checkpoints load in either library.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any, Optional
+import warnings
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
 
 from . import functional as F
+from ._errors import KbitWarning
 
 __all__ = ["Linear4bit"]
 
@@ -31,6 +34,53 @@ def _check_compute_dtype(dtype: object) -> Optional[torch.dtype]:
     if dtype is not None and dtype not in F._DTYPES:
         raise TypeError(f"compute_dtype must be None, torch.float32, torch.float16 or torch.bfloat16, got {dtype!r}")
     return dtype  # type: ignore[return-value]
+
+
+# Saved absmax in these dtypes is upcast to float32 at load: exact (every float16/bfloat16 value is a
+# float32 value), and bitsandbytes writes such checkpoints itself.
+_UPCAST_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _float32_stats(t: torch.Tensor, key: str, count: int, what: str) -> Union[torch.Tensor, str]:
+    """A 1-D float32 tensor of `count` values (float16/bfloat16 upcast exactly), or what is wrong with it."""
+    if t.dim() != 1 or t.numel() != count or (t.dtype != torch.float32 and t.dtype not in _UPCAST_DTYPES):
+        return (f"{key}: must be a 1-D float32 (or float16/bfloat16) tensor of {count} values ({what}), "
+                f"got {t.dtype} of shape {tuple(t.shape)}")
+    return t.float().contiguous()
+
+
+def _checked_loaded_state(state: F.QuantState4bit, wkey: str) -> Union[F.QuantState4bit, str]:
+    """A loaded state whose tensors all have the dtype and shape the kernels need, or what is wrong,
+    naming the full key (checked at load, so nothing fails later at a forward)."""
+    blocks = math.ceil(math.prod(state.shape) / state.blocksize)
+    code = state.code
+    if code.dtype != torch.float32 or code.dim() != 1 or code.numel() != 16:
+        return f"{wkey}.quant_map: must be a 1-D float32 tensor of 16 values, got {code.dtype} of shape {tuple(code.shape)}"
+    if not torch.equal(code.cpu(), F._code_4bit(state.quant_type, torch.device("cpu"))):
+        return f"{wkey}.quant_map: is not the {state.quant_type} codebook (the 4-bit kernels know only nf4 and fp4)"
+    if state.state2 is None:
+        absmax = _float32_stats(state.absmax, f"{wkey}.absmax", blocks, f"one per block of {state.blocksize}")
+        if isinstance(absmax, str):
+            return absmax
+        return dataclasses.replace(state, absmax=absmax, code=code.contiguous())
+    s2 = state.state2
+    qabsmax = state.absmax
+    if qabsmax.dtype != torch.uint8 or qabsmax.dim() != 1 or qabsmax.numel() != blocks:
+        return (f"{wkey}.absmax: a nested (double-quantized) state's absmax must be a 1-D uint8 tensor of {blocks} "
+                f"codes (one per block of {state.blocksize}), got {qabsmax.dtype} of shape {tuple(qabsmax.shape)}")
+    nested = _float32_stats(s2.absmax, f"{wkey}.nested_absmax", math.ceil(blocks / s2.blocksize),
+                            f"one per block of {s2.blocksize} absmax codes")
+    if isinstance(nested, str):
+        return nested
+    c2 = s2.code
+    if c2.dtype != torch.float32 or c2.dim() != 1 or c2.numel() != F.CODEBOOK_SIZE:
+        return (f"{wkey}.nested_quant_map: must be a 1-D float32 tensor of {F.CODEBOOK_SIZE} values, got {c2.dtype} "
+                f"of shape {tuple(c2.shape)}")
+    if s2.dtype != torch.float32:
+        return (f"{wkey}.quant_state.bitsandbytes__{state.quant_type}: nested_dtype must be float32 (the absmax "
+                f"it describes is float32), got {str(s2.dtype).removeprefix('torch.')}")
+    state2 = dataclasses.replace(s2, absmax=nested, code=c2.contiguous())
+    return dataclasses.replace(state, absmax=qabsmax.contiguous(), code=code.contiguous(), state2=state2)
 
 
 class Linear4bit(nn.Module):
@@ -154,6 +204,10 @@ class Linear4bit(nn.Module):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.quant_state is not None:
             for key, value in self.quant_state.as_dict(packed=True).items():
+                if key in ("quant_map", "nested_quant_map"):
+                    # The codebooks are shared (one cached tensor per device for every layer): a saved
+                    # tensor must own its storage, or safetensors refuses the state dict ("share memory").
+                    value = value.clone()
                 destination[f"{prefix}weight.{key}"] = value if keep_vars else value.detach()
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: Any, strict: bool,
@@ -162,17 +216,18 @@ class Linear4bit(nn.Module):
         items = {k[len(wkey) + 1:]: v for k, v in state_dict.items() if k.startswith(wkey + ".")}
         weight = state_dict.get(wkey)
         if isinstance(weight, torch.Tensor):
-            problem = self._prepare_load(weight, items)
+            problem = self._prepare_load(weight, items, wkey)
             if problem:
-                error_msgs.append(f"{wkey}: {problem}")
+                error_msgs.append(problem)
                 return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         quant_keys = {f"{wkey}.{k}" for k in items}
         unexpected_keys[:] = [k for k in unexpected_keys if k not in quant_keys]
 
-    def _prepare_load(self, weight: torch.Tensor, items: dict[str, Any]) -> Optional[str]:
-        """Make self.weight (and quant_state) the shape the saved weight has; None, or what is wrong."""
+    def _prepare_load(self, weight: torch.Tensor, items: dict[str, Any], wkey: str) -> Optional[str]:
+        """Make self.weight (and quant_state) the shape the saved weight has; None, or what is wrong
+        (a message that starts with the full key of the offending tensor)."""
         device = weight.device if self.weight.is_meta else self.weight.device
         if self.bias is not None and self.bias.is_meta:  # a layer built on "meta" is materialized here
             self.bias = nn.Parameter(torch.empty_like(self.bias, device=device), requires_grad=self.bias.requires_grad)
@@ -180,28 +235,49 @@ class Linear4bit(nn.Module):
             try:
                 state = F.QuantState4bit.from_dict(items, device)
             except (TypeError, ValueError) as e:
-                return str(e)
+                return f"{wkey}: {e}"
             if tuple(state.shape) != (self.out_features, self.in_features):
-                return (f"the saved weight has shape {tuple(state.shape)}, this layer "
+                return (f"{wkey}: the saved weight has shape {tuple(state.shape)}, this layer "
                         f"({self.out_features}, {self.in_features})")
             if weight.dtype != torch.uint8 or weight.numel() != (math.prod(state.shape) + 1) // 2:
-                return f"the saved 4-bit weight must hold {(math.prod(state.shape) + 1) // 2} uint8 bytes"
+                return (f"{wkey}: the saved 4-bit weight must hold {(math.prod(state.shape) + 1) // 2} uint8 bytes, "
+                        f"got {weight.numel()} of {weight.dtype}")
+            checked = _checked_loaded_state(state, wkey)
+            if isinstance(checked, str):
+                return checked
+            self._warn_on_mismatch(checked, wkey)
             self.weight = nn.Parameter(torch.empty(weight.shape, dtype=torch.uint8, device=device),
                                        requires_grad=False)
-            self.quant_state = state
+            self.quant_state = checked
             self.quant_type, self.blocksize, self.compress_statistics = state.quant_type, state.blocksize, state.nested
             return None
         if weight.shape != (self.out_features, self.in_features) or weight.dtype not in F._DTYPES:
-            return (f"expected a 4-bit weight with its quant state items, or a float weight of shape "
+            return (f"{wkey}: expected a 4-bit weight with its quant state items, or a float weight of shape "
                     f"({self.out_features}, {self.in_features}); got {weight.dtype} of shape {tuple(weight.shape)}")
         # A float checkpoint (e.g. nn.Linear's): load it as the float weight; quantized on the next move,
-        # or right away when this layer was already quantized.
+        # or right away when this layer was already quantized. Lossy, so never silent.
+        warnings.warn(KbitWarning(
+            f"{wkey}: a float weight ({weight.dtype}) is loaded into a Linear4bit; it will be quantized "
+            f"({self.quant_type}, blocksize {self.blocksize}) {'now' if self.quant_state is not None else 'on the next move or forward'}, "
+            "which is lossy. Keep this layer a torch.nn.Linear (e.g. lm_head) to use the weight as saved; "
+            "kbit.nn.load_4bit_checkpoint swaps only the layers a checkpoint holds quantized"), stacklevel=4)
         requantize = self.quant_state is not None
         self.weight = nn.Parameter(torch.empty(weight.shape, dtype=weight.dtype, device=device), requires_grad=False)
         self.quant_state = None
         if requantize:
             self._register_load_state_dict_post_hook_once()
         return None
+
+    def _warn_on_mismatch(self, state: F.QuantState4bit, wkey: str) -> None:
+        """A KbitWarning naming the key and both values where this layer was built otherwise than the
+        checkpoint it loads (the checkpoint wins: its codes mean nothing in another format)."""
+        diffs = [f"{name} {mine!r} -> {theirs!r}" for name, mine, theirs in (
+            ("quant_type", self.quant_type, state.quant_type), ("blocksize", self.blocksize, state.blocksize),
+            ("compress_statistics", self.compress_statistics, state.nested)) if mine != theirs]
+        if diffs:
+            warnings.warn(KbitWarning(
+                f"{wkey}: this Linear4bit was built with other settings than the checkpoint it loads; the "
+                f"checkpoint's are used (this layer's -> the checkpoint's): {', '.join(diffs)}"), stacklevel=5)
 
     def _register_load_state_dict_post_hook_once(self) -> None:
         def hook(module: nn.Module, incompatible: Any) -> None:
