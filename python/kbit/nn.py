@@ -327,7 +327,8 @@ def replace_linear_4bit(model: nn.Module, *, quant_type: str = "nf4", compute_dt
 
     Layers named in `skip` stay float: a name matches a module whose dotted name is it, ends with it
     ("lm_head", "mlp.down_proj") or lies inside it ("model.layers.0"). The default keeps `lm_head`,
-    as transformers does. Subclasses of nn.Linear are kept too (e.g. MultiheadAttention's out_proj,
+    as transformers does; a `skip` given replaces it (skip=() quantizes lm_head too, so list
+    "lm_head" with your own names to keep it). Subclasses of nn.Linear are kept too (e.g. MultiheadAttention's out_proj,
     whose weight its parent reads directly). The names replaced are logged at DEBUG on "kbit.nn"."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
