@@ -355,3 +355,42 @@ def test_tied_lm_head_is_saved_once_and_loads(tmp_path) -> None:
     fresh = transformers.LlamaForCausalLM(cfg).eval()
     knn.load_4bit_checkpoint(fresh, tmp_path)
     assert torch.equal(_logits(fresh), _logits(model))
+
+
+def test_transformers_quantization_method(float_dir, tmp_path) -> None:
+    from kbit.integrations.transformers import KbitConfig
+
+    cfg = KbitConfig(quant_type="fp4", compress_statistics=False, blocksize=128, compute_dtype=torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=cfg).eval()
+    assert [n for n, m in model.named_modules() if isinstance(m, knn.Linear4bit)] == LAYERS
+    assert type(model.lm_head) is nn.Linear
+    layer = model.model.layers[0].mlp.up_proj
+    assert layer.is_quantized and layer.quant_type == "fp4" and layer.blocksize == 128
+    assert not layer.quant_state.nested and layer.compute_dtype == torch.bfloat16
+    # The same as kbit's helper on the same float weights, and the reference of its own tensors.
+    helper = knn.replace_linear_4bit(_float_model(), quant_type="fp4", compress_statistics=False, blocksize=128,
+                                     compute_dtype=torch.bfloat16)
+    sd = model.state_dict()
+    assert all(torch.equal(sd[k], v) for k, v in helper.state_dict().items())
+    expected = _logits(_reference(sd, torch.bfloat16))
+    assert torch.equal(_logits(model), expected)
+    # save_pretrained writes quant_method "kbit" and bitsandbytes' keys; from_pretrained reads them back.
+    model.save_pretrained(tmp_path)
+    qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "kbit" and qc["quant_type"] == "fp4" and qc["compute_dtype"] == "bfloat16"
+    assert set(load_file(str(tmp_path / "model.safetensors"))) == set(sd)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", KbitWarning)
+        again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert isinstance(again.model.layers[1].self_attn.q_proj, knn.Linear4bit)
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in sd.items())
+    assert torch.equal(_logits(again), expected)
+
+
+def test_kbit_imports_without_transformers(run_python) -> None:
+    code = ("import sys, kbit.nn as knn, torch; knn.replace_linear_4bit(torch.nn.Sequential(torch.nn.Linear(8, 8)));"
+            "assert 'transformers' not in sys.modules and 'safetensors' not in sys.modules, sorted(sys.modules)")
+    result = run_python("-c", code)
+    assert result.returncode == 0, result.stderr
