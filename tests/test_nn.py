@@ -5,9 +5,11 @@ against the reference dequantization of the checkpoint, bitsandbytes' own output
 from __future__ import annotations
 
 import io
+import warnings
 
 import pytest
 import torch
+from kbit import KbitWarning
 from kbit import functional as F
 from kbit import nn as knn
 from reference import dequantize_4bit_state, record_peer
@@ -113,7 +115,8 @@ def test_state_dict_round_trip(compress: bool, quant_type: str) -> None:
     loaded_sd = torch.load(buf, weights_only=True)
     for fresh in (knn.Linear4bit(160, 96, device="meta"), knn.Linear4bit(160, 96, device="cpu"),
                   knn.Linear4bit(160, 96)):
-        result = fresh.load_state_dict(loaded_sd)
+        with pytest.warns(KbitWarning, match=r"^weight: .*the checkpoint's are used.*blocksize 64 -> 128"):
+            result = fresh.load_state_dict(loaded_sd)  # built with the defaults: the checkpoint wins, said
         assert not result.missing_keys and not result.unexpected_keys
         assert fresh.quant_type == quant_type and fresh.blocksize == 128 and fresh.quant_state.nested == compress
         with torch.no_grad():
@@ -124,7 +127,8 @@ def test_state_dict_round_trip(compress: bool, quant_type: str) -> None:
 def test_float_state_dict_is_quantized_on_load() -> None:
     lin = _linear()
     q = knn.Linear4bit(160, 96, device="cpu")
-    q.load_state_dict(lin.state_dict())
+    with pytest.warns(KbitWarning, match=r"^weight: a float weight \(torch.float32\) is loaded into a Linear4bit"):
+        q.load_state_dict(lin.state_dict())  # lossy: never silent
     expected = knn.Linear4bit.from_linear(lin)
     assert q.is_quantized and torch.equal(q.weight, expected.weight)
     with torch.no_grad():
@@ -161,8 +165,10 @@ def test_bitsandbytes_checkpoint_loads(compress: bool, quant_type: str) -> None:
     ours = knn.Linear4bit.from_linear(lin, quant_type=quant_type, compress_statistics=compress)
     our_sd = ours.state_dict()
     assert list(our_sd) == list(bnb_sd) and all(torch.equal(our_sd[k], bnb_sd[k]) for k in bnb_sd)
-    fresh = knn.Linear4bit(160, 96, device="meta")
-    fresh.load_state_dict(bnb_sd)
+    fresh = knn.Linear4bit(160, 96, device="meta", quant_type=quant_type, compress_statistics=compress)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", KbitWarning)  # built as saved: no mismatch warning
+        fresh.load_state_dict(bnb_sd)
     # The checkpoint's weight by the format's definition (its JSON item parsed by from_dict).
     W = dequantize_4bit_state(bnb_sd["weight"], F.QuantState4bit.from_dict(
         {k.removeprefix("weight."): v for k, v in bnb_sd.items() if k.startswith("weight.")}))

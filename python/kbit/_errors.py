@@ -10,6 +10,7 @@ __all__ = [
     "KbitConfigError",
     "KbitError",
     "KbitLibraryError",
+    "KbitLoadError",
     "KbitManifestError",
     "KbitNativeError",
     "KbitNoBackendError",
@@ -23,6 +24,10 @@ class KbitError(Exception):
 
 class KbitConfigError(KbitError, ValueError):
     """An override in the environment (KBIT_BACKEND, KBIT_CUDA_VERSION, KBIT_LIBRARY) is invalid."""
+
+
+class KbitLoadError(KbitError, RuntimeError):
+    """A checkpoint does not fit the model it is loaded into (the message names the key)."""
 
 
 class KbitManifestError(KbitError, OSError):
