@@ -134,6 +134,38 @@ class PeerDisagreement(UserWarning):
     """bitsandbytes computed other values than the format's definition on this machine."""
 
 
+_OUT_EPS = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+
+
+def linear_tolerance(x: torch.Tensor, W: torch.Tensor, bias: Any = None,
+                     compute: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """x @ W.T (+ bias) in float64 from the float32 reference weight W, and what kbit.h allows a 4-bit
+    matmul or GEMV to differ from it: float32 sums in any order (k * 2^-24 of sum |x| |W|), for
+    bfloat16 W rounded to bfloat16 first (2^-8 of it), and the final rounding to the compute dtype.
+    x and bias are taken as they are (already in the compute dtype)."""
+    x64, W64 = x.double(), W.double()
+    ref = x64 @ W64.T
+    mag = x64.abs() @ W64.abs().T
+    if bias is not None:
+        ref, mag = ref + bias.double(), mag + bias.double().abs()
+    k = W.shape[-1]
+    tol = mag * (max(k, 1) * 2.0**-24 + (2.0**-8 if compute == torch.bfloat16 else 0.0)) + ref.abs() * _OUT_EPS[compute]
+    return ref, tol + 1e-30
+
+
+def assert_linear_close(got: torch.Tensor, x: torch.Tensor, W: torch.Tensor, bias: Any = None,
+                        compute: torch.dtype = torch.float32) -> None:
+    """got is x @ W.T (+ bias) within linear_tolerance; the message names the worst output."""
+    ref, tol = linear_tolerance(x.reshape(-1, W.shape[-1]), W, bias, compute)
+    err = (got.reshape(ref.shape).double() - ref).abs()
+    bad = ~(err <= tol)
+    if bad.any():
+        worst = int(torch.argmax(torch.where(bad, err / tol, torch.zeros_like(err))))
+        raise AssertionError(f"{int(bad.sum())} of {err.numel()} outputs outside the bound; output {worst}: "
+                             f"{got.reshape(-1)[worst].item()!r}, float64 gives {ref.reshape(-1)[worst].item()!r} "
+                             f"(bound {tol.reshape(-1)[worst].item():.3g})")
+
+
 @functools.cache
 def cpu_model() -> str:
     try:

@@ -12,7 +12,7 @@ import torch
 from kbit import KbitWarning
 from kbit import functional as F
 from kbit import nn as knn
-from reference import dequantize_4bit_state, record_peer
+from reference import assert_linear_close, dequantize_4bit_state, record_peer
 from torch import nn
 
 
@@ -37,30 +37,36 @@ def test_from_linear_matches_dequantized_reference(quant_type: str, compress: bo
     assert W.shape == (96, 160) and float((W - w).abs().max()) < 0.2 * float(w.abs().max())
     with torch.no_grad():
         xb = _x(4, 3, 160)
-        assert torch.equal(q(xb), nn.functional.linear(xb, W, lin.bias))  # the dequantize path: bit-equal
+        assert_linear_close(q(xb), xb, W, lin.bias)  # the fused matmul: float32 sums in its own order
         x1 = _x(1, 160, seed=2)
-        torch.testing.assert_close(q(x1), nn.functional.linear(x1, W, lin.bias), rtol=1e-5, atol=1e-5)
+        assert_linear_close(q(x1), x1, W, lin.bias)
 
 
-def test_single_row_uses_gemv(monkeypatch) -> None:
+def test_cpu_forward_uses_the_fused_matmul(monkeypatch) -> None:
+    """On the CPU every forward (one row or many) is the fused 4-bit matmul, never a dequantized weight."""
     q = knn.Linear4bit.from_linear(_linear())
     calls = []
-    real = F.gemv_4bit
+    real = F.matmul_4bit
 
     def spy(*args, **kwargs):
         calls.append(args[0].shape)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(F, "gemv_4bit", spy)
+    def no_dequantize(*args, **kwargs):
+        raise AssertionError("the forward dequantized the weight")
+
+    monkeypatch.setattr(F, "matmul_4bit", spy)
+    monkeypatch.setattr(F, "dequantize_4bit", no_dequantize)
     with torch.no_grad():
         assert q(_x(160)).shape == (96,) and q(_x(1, 1, 160)).shape == (1, 1, 96)
-        q(_x(2, 160))
-    assert calls == [(160,), (1, 1, 160)]
-    x = _x(1, 160).requires_grad_()
-    q(x).sum().backward()  # gradients flow through the GEMV to x and the bias
-    assert len(calls) == 3 and x.grad is not None and q.bias.grad is not None
-    torch.testing.assert_close(x.grad, q.dequantized_weight().sum(0, keepdim=True))
-    assert torch.equal(q.bias.grad, torch.ones(96))
+        assert q(_x(2, 7, 160)).shape == (2, 7, 96)
+    assert calls == [(160,), (1, 1, 160), (2, 7, 160)]
+    monkeypatch.undo()
+    x = _x(3, 160).requires_grad_()
+    q(x).sum().backward()  # gradients flow through the matmul to x and the bias
+    assert x.grad is not None and q.bias.grad is not None
+    torch.testing.assert_close(x.grad, q.dequantized_weight().sum(0, keepdim=True).expand(3, 160))
+    assert torch.equal(q.bias.grad, torch.full((96,), 3.0))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -175,8 +181,8 @@ def test_bitsandbytes_checkpoint_loads(compress: bool, quant_type: str) -> None:
     bias = bnb_sd["bias"]
     with torch.no_grad():
         xb, x1 = _x(3, 160), _x(160)
-        assert torch.equal(fresh(xb), nn.functional.linear(xb, W, bias))  # dequantize + matmul: bit-equal
-        torch.testing.assert_close(fresh(x1), nn.functional.linear(x1, W, bias), rtol=1e-5, atol=1e-5)  # GEMV
+        assert_linear_close(fresh(xb), xb, W, bias)
+        assert_linear_close(fresh(x1), x1, W, bias)
         for x in (xb, x1):
             record_peer(f"Linear4bit({quant_type}, nested={compress}) forward of {tuple(x.shape)}", theirs(x),
                         nn.functional.linear(x, W, bias), rtol=1e-5, atol=1e-5)

@@ -99,7 +99,9 @@ inline int check_gemv4(int dtype, int quant_type, const void* A, const void* pac
 inline int check_matmul4(int dtype, int quant_type, const void* A, const void* packed, const void* absmax,
                          const void* out, int64_t m_rows, int64_t n_out, int64_t k_in, int32_t blocksize) {
   if (m_rows < 0) return KBIT_ERR_INVALID_ARGUMENT;
-  int status = check_gemv4(dtype, quant_type, A, packed, absmax, out, n_out, k_in, blocksize);
+  /* m_rows = 0: the arguments' kinds are checked, no pointer is (nothing is read or written). */
+  int status = check_gemv4(dtype, quant_type, A, packed, absmax, out, m_rows == 0 ? 0 : n_out, k_in, blocksize);
+  if (status == KBIT_OK && m_rows == 0 && n_out < 0) status = KBIT_ERR_INVALID_ARGUMENT;
   if (status != KBIT_OK || n_out == 0 || m_rows == 0) return status;
   if (out == NULL) return KBIT_ERR_INVALID_ARGUMENT;
   if (m_rows > INT64_MAX / 8 / n_out || (k_in > 0 && m_rows > (INT64_MAX / 8) / k_in)) return KBIT_ERR_TOO_LARGE;

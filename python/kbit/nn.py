@@ -97,8 +97,11 @@ class Linear4bit(nn.Module):
     device=None it keeps a float weight (nn.Linear's initialisation) until then; with device="meta"
     it allocates nothing, for load_state_dict to fill.
 
-    forward: a single row (x.numel() == in_features) runs the 4-bit GEMV kernel without
-    materializing W; anything else dequantizes W and calls torch's linear. Both are differentiable
+    forward: on the CPU, any number of rows runs the fused 4-bit matmul (kbit.functional.matmul_4bit:
+    the packed weight read once per call, W never materialized; for bfloat16 compute on AVX-512-BF16
+    CPUs W' is rounded to bfloat16 first, as a bfloat16 matmul of the dequantized weight does). On
+    CUDA a single row (x.numel() == in_features) runs the 4-bit GEMV kernel; more rows dequantize W
+    and call torch's linear (cuBLAS). Both are differentiable
     in x and bias (the 4-bit weight itself is frozen). Inputs are
     cast to `compute_dtype` (default: x's dtype) and the result back to x's dtype.
     """
@@ -197,7 +200,9 @@ class Linear4bit(nn.Module):
         compute = self.compute_dtype or x.dtype
         inp = x.to(compute)
         bias = None if self.bias is None else self.bias.to(compute)
-        if x.numel() == self.in_features and compute in F._DTYPES:  # differentiable in x and bias
+        if compute in F._DTYPES and inp.device.type == "cpu":  # the fused kernel, any rows; differentiable
+            out = F.matmul_4bit(inp.contiguous(), self.weight, state, None if bias is None else bias.contiguous())
+        elif x.numel() == self.in_features and compute in F._DTYPES:
             out = F.gemv_4bit(inp.contiguous(), self.weight, state, None if bias is None else bias.contiguous())
         else:
             out = nn.functional.linear(inp, self.dequantized_weight().to(compute), bias)
