@@ -23,6 +23,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <type_traits>
+
 #include "kbit.h"
 #include "kbit_common.h"
 #include "kbit_math.h"
@@ -323,6 +325,55 @@ void dequantize_range(void* ctx, int64_t first_block, int64_t end_block) {
     for (int64_t i = 0; i < len; ++i) S::store(job.out, start + i, kbit_dequantize_value(lut, codes[start + i], m));
   }
 }
+
+#if defined(KBIT_X86_AVX2)
+/* AVX-512 (no FMA: the product is code[c] * absmax, rounded once, as kbit_dequantize_value). */
+#define KBIT_AVX512 __attribute__((target("avx512f,avx2")))
+
+/* code[idx] for 16 indices < 256 from the codebook held in 16 registers: 8 two-register permutes
+ * (vpermt2ps: the index's low 5 bits) and a select tree on bits 5, 6 and 7. */
+KBIT_AVX512 inline __m512 lookup256(const __m512* t, __m512i idx) {
+  __m512 r[8];
+  for (int j = 0; j < 8; ++j) r[j] = _mm512_permutex2var_ps(t[2 * j], idx, t[2 * j + 1]);
+  const __mmask16 b5 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(32));
+  const __mmask16 b6 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(64));
+  const __mmask16 b7 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(128));
+  for (int j = 0; j < 4; ++j) r[j] = _mm512_mask_blend_ps(b5, r[2 * j], r[2 * j + 1]);
+  for (int j = 0; j < 2; ++j) r[j] = _mm512_mask_blend_ps(b6, r[2 * j], r[2 * j + 1]);
+  return _mm512_mask_blend_ps(b7, r[0], r[1]);
+}
+
+template <typename S>
+KBIT_AVX512 inline void store16(void* p, int64_t i, __m512 v) {
+  if (std::is_same<S, StoreF32>::value) {
+    _mm512_storeu_ps(static_cast<float*>(p) + i, v);
+  } else {
+    S::store8(p, i, _mm512_castps512_ps256(v));
+    S::store8(p, i + 8, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+  }
+}
+
+/* dequantize_range with the lookup in registers, 16 values per step; the same products. */
+template <typename S>
+KBIT_AVX512 void dequantize_range_avx512(void* ctx, int64_t first_block, int64_t end_block) {
+  const DequantizeJob& job = *static_cast<const DequantizeJob*>(ctx);
+  const uint8_t* __restrict codes = job.codes;
+  __m512 t[16];
+  for (int j = 0; j < 16; ++j) t[j] = _mm512_loadu_ps(job.code + 16 * j);
+  for (int64_t b = first_block; b < end_block; ++b) {
+    int64_t start = b * job.blocksize;
+    int64_t len = block_len(job.n, job.blocksize, b);
+    float m = job.absmax[b];
+    const __m512 vm = _mm512_set1_ps(m);
+    int64_t i = 0;
+    for (; i + 16 <= len; i += 16) {
+      __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + start + i)));
+      store16<S>(job.out, start + i, _mm512_mul_ps(lookup256(t, idx), vm));
+    }
+    for (; i < len; ++i) S::store(job.out, start + i, kbit_dequantize_value(job.code, codes[start + i], m));
+  }
+}
+#endif
 
 /* ---- 4-bit ---- */
 
@@ -643,8 +694,14 @@ KBIT_API int kbit_dequantize_blockwise_8bit(int dtype, const uint8_t* codes, con
   if (status != KBIT_OK || n == 0) return status;
   DequantizeJob job = {codes, code, absmax, out, n, blocksize};
   int64_t blocks = (n + blocksize - 1) / blocksize;
-  /* No AVX2 variant: a gather of 8 codebook entries was slower here than 8 scalar loads. */
+  /* No AVX2 variant: a gather of 8 codebook entries was slower here than 8 scalar loads. With
+   * AVX-512 the whole codebook fits in 16 registers (lookup256). */
   range_fn fn = by_dtype(dtype, dequantize_range<StoreF32>, dequantize_range<StoreF16>, dequantize_range<StoreBF16>);
+#if defined(KBIT_X86_AVX2)
+  if (cpu::simd_level() >= cpu::kSimdAvx512)
+    fn = by_dtype(dtype, dequantize_range_avx512<StoreF32>, dequantize_range_avx512<StoreF16>,
+                  dequantize_range_avx512<StoreBF16>);
+#endif
   parallel_for(blocks, grain_for(blocksize), fn, &job);
   return KBIT_OK;
 }
