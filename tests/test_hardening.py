@@ -305,11 +305,18 @@ def test_a_replaced_library_of_the_same_size_is_refused(package: Path) -> None:
 @pytest.mark.parametrize("name, value", [
     ("KBIT_NUM_THREADS", "0"), ("KBIT_NUM_THREADS", "-1"), ("KBIT_NUM_THREADS", "100000"),
     ("KBIT_NUM_THREADS", "four"), ("KBIT_CPU_SIMD", "2"), ("KBIT_CPU_SIMD", "yes"),
+    ("KBIT_CPU_SIMD", " 0"), ("KBIT_CPU_SIMD", "AVX2"), ("KBIT_CPU_SIMD", "avx512"),
 ])
 def test_bad_cpu_settings_are_config_errors(fresh_native, monkeypatch, name: str, value: str) -> None:
     monkeypatch.setenv(name, value)
     with pytest.raises(KbitConfigError, match=name):
         fresh_native.cpu_library()
+
+
+@pytest.mark.parametrize("value", ["0", "avx2", "1"])
+def test_the_cpu_simd_values_the_library_knows_are_accepted(fresh_native, monkeypatch, value: str) -> None:
+    monkeypatch.setenv("KBIT_CPU_SIMD", value)
+    assert fresh_native.cpu_library().backend == "cpu"
 
 
 def test_the_thread_cap_is_the_librarys() -> None:

@@ -251,17 +251,17 @@ MAX_CPU_THREADS = 256
 
 
 def _cpu_settings(env: Mapping[str, str]) -> None:
-    """KBIT_NUM_THREADS (a count in [1, 256]) and KBIT_CPU_SIMD ("0" or "1"), which the CPU library
+    """KBIT_NUM_THREADS (a count in [1, 256]) and KBIT_CPU_SIMD ("0", "avx2" or "1"), which the CPU library
     reads itself; a value it would silently ignore is a KbitConfigError here."""
     threads = env.get("KBIT_NUM_THREADS", "").strip()
     if threads and not (threads.isdigit() and 1 <= int(threads) <= MAX_CPU_THREADS):
         raise KbitConfigError(f"KBIT_NUM_THREADS={env['KBIT_NUM_THREADS']!r} is not a thread count in "
                               f"[1, {MAX_CPU_THREADS}]: set one, or unset it (the default: every CPU this "
                               "process may run on)")
-    simd = env.get("KBIT_CPU_SIMD", "").strip()
-    if simd and simd not in ("0", "1"):
-        raise KbitConfigError(f"KBIT_CPU_SIMD={env['KBIT_CPU_SIMD']!r} is not 0 (portable loops only) or 1 "
-                              "(SIMD kernels where the CPU has them, the default): set one, or unset it")
+    simd = env.get("KBIT_CPU_SIMD", "")
+    if simd and simd not in ("0", "avx2", "1"):  # exactly as the library compares them
+        raise KbitConfigError(f"KBIT_CPU_SIMD={simd!r} is not 0 (portable loops only), avx2 (AVX2 kernels, "
+                              "no AVX-512) or 1 (every SIMD kernel the CPU has, the default): set one, or unset it")
 
 
 def check_overrides(manifest: Manifest, env: Mapping[str, str]) -> None:
