@@ -70,7 +70,7 @@ def linear_rows(size: int, layers: int, repeat: int, bnb) -> list[dict]:
                 b.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, quant_type="nf4",
                                              compress_statistics=True)
                 theirs[compute].append(b.to("cpu").eval())
-        packed.append(ours[torch.float32][-1].weight.view(torch.int64))
+        packed.append(ours[torch.float32][-1].weight.reshape(-1).view(torch.int64))
         del lin
     rows = []
     with torch.no_grad():

@@ -46,7 +46,7 @@ def test_cpu_forward_uses_the_fused_matmul(monkeypatch) -> None:
     """On the CPU every forward (one row or many) is the fused 4-bit matmul, never a dequantized weight."""
     q = knn.Linear4bit.from_linear(_linear())
     calls = []
-    real = F.matmul_4bit
+    real = F._matmul_4bit_absmax
 
     def spy(*args, **kwargs):
         calls.append(args[0].shape)
@@ -55,7 +55,7 @@ def test_cpu_forward_uses_the_fused_matmul(monkeypatch) -> None:
     def no_dequantize(*args, **kwargs):
         raise AssertionError("the forward dequantized the weight")
 
-    monkeypatch.setattr(F, "matmul_4bit", spy)
+    monkeypatch.setattr(F, "_matmul_4bit_absmax", spy)
     monkeypatch.setattr(F, "dequantize_4bit", no_dequantize)
     with torch.no_grad():
         assert q(_x(160)).shape == (96,) and q(_x(1, 1, 160)).shape == (1, 1, 96)
@@ -213,3 +213,16 @@ def test_torch_compile_equals_eager(backend: str) -> None:
     with torch.no_grad():
         for x in (_x(64), _x(4, 64)):  # the GEMV path and the dequantize path
             torch.testing.assert_close(compiled(x), model(x), rtol=1e-6, atol=1e-6)
+
+
+def test_a_nested_absmax_is_dequantized_once_and_follows_the_state() -> None:
+    """The forward keeps a nested state's float32 absmax; a new state (a load, a move) replaces it."""
+    a = knn.Linear4bit.from_linear(_linear(seed=0), compress_statistics=True)
+    b = knn.Linear4bit.from_linear(_linear(seed=1), compress_statistics=True)
+    x = _x(3, 160)
+    with torch.no_grad():
+        ya, yb = a(x), b(x)
+        assert torch.equal(a(x), ya) and a.__dict__["_absmax_cache"][0] is a.quant_state
+        a.load_state_dict(b.state_dict())
+        assert torch.equal(a(x), yb)
+        assert_linear_close(a(x), x, b.dequantized_weight(), b.bias)

@@ -47,7 +47,9 @@ const int64_t kChunkF32 = 1024; /* float32 tiles: 16 KB */
 const int64_t kPad = 64;     /* rows of A and of a tile are padded with zeros to a multiple of this */
 const int64_t kRowBlock = 4; /* rows of A per microkernel call */
 const int64_t kDirectRows = 4; /* up to this many rows of A, the AVX-512 path decodes into registers */
-const int64_t kDirectChunk = 1024; /* k values per chunk of the direct kernels (a multiple of 64) */
+/* Bytes of A's rows the direct kernels keep in L1 per k chunk (at least 1024 values, a multiple of 64):
+ * one row of 4096 float32 values is walked whole, weight row by weight row, for the prefetchers. */
+const int64_t kDirectBytes = 16384;
 
 enum Path { kPortable = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
 
@@ -62,6 +64,7 @@ struct MatmulJob {
   int32_t log2_bs;
   bool aligned;       /* k_in % blocksize == 0: every row of W starts a block (and a byte) */
   bool direct;        /* m <= kDirectRows on the AVX-512 path, aligned layout: direct_rows() */
+  int64_t direct_chunk; /* k values per chunk of the direct kernels */
   int64_t group;      /* values are stored permuted within groups of this many (0: in order), see slot() */
   const void* Apad;   /* m x lda, float32 or (kAvx512Bf16) bfloat16 bits, zero padded */
   float* C;           /* m x n float32 sums */
@@ -286,13 +289,13 @@ KBIT_AVX512 void direct_avx512(const MatmulJob& job, int64_t j, int64_t k0, int6
     for (int c = 0; c < COLS; ++c) res[i * COLS + c] = _mm512_reduce_add_ps(_mm512_add_ps(acc[i][c][0], acc[i][c][1]));
 }
 
-/* The task's columns, k in chunks of kDirectChunk (A's chunk stays in L1 while the columns pass);
+/* The task's columns, k in chunks of job.direct_chunk (A's chunk stays in L1 while the columns pass);
  * each chunk's sums are added to C in chunk order. */
 template <int ROWS>
 KBIT_AVX512 void direct_tiles(const MatmulJob& job, int64_t t0, int64_t t1) {
   float res[ROWS * 2];
-  for (int64_t k0 = 0; k0 < job.k; k0 += kDirectChunk) {
-    int64_t k1 = job.k - k0 < kDirectChunk ? job.k : k0 + kDirectChunk;
+  for (int64_t k0 = 0; k0 < job.k; k0 += job.direct_chunk) {
+    int64_t k1 = job.k - k0 < job.direct_chunk ? job.k : k0 + job.direct_chunk;
     for (int64_t j = t0 * kTile; j < job.n && j < t1 * kTile;) {
       int cols = job.n - j >= 2 ? 2 : 1;
       if (cols == 2) direct_avx512<ROWS, 2>(job, j, k0, k1, res);
@@ -396,8 +399,8 @@ KBIT_AVX512BF16 void direct_bf16(const MatmulJob& job, int64_t j, int64_t k0, in
 template <int ROWS, bool TWO_BLOCKS>
 KBIT_AVX512BF16 void direct_tiles_bf16(const MatmulJob& job, int64_t t0, int64_t t1) {
   float res[ROWS * 2];
-  for (int64_t k0 = 0; k0 < job.k; k0 += kDirectChunk) {
-    int64_t k1 = job.k - k0 < kDirectChunk ? job.k : k0 + kDirectChunk;
+  for (int64_t k0 = 0; k0 < job.k; k0 += job.direct_chunk) {
+    int64_t k1 = job.k - k0 < job.direct_chunk ? job.k : k0 + job.direct_chunk;
     for (int64_t j = t0 * kTile; j < job.n && j < t1 * kTile;) {
       int cols = job.n - j >= 2 ? 2 : 1;
       if (cols == 2) direct_bf16<ROWS, 2, TWO_BLOCKS>(job, j, k0, k1, res);
@@ -573,6 +576,11 @@ extern "C" KBIT_API int kbit_matmul_4bit(int dtype, int quant_type, const void* 
   job.direct = (job.path == kAvx512 || (job.path == kAvx512Bf16 && k_in % 64 == 0)) && job.aligned &&
                m_rows <= kDirectRows;
   job.group = job.path == kAvx512Bf16 ? 64 : job.path == kAvx512 ? 32 : 0;
+  {
+    int64_t elem = job.path == kAvx512Bf16 ? 2 : 4;
+    int64_t chunk = kDirectBytes / (elem * (m_rows > 0 ? m_rows : 1)) / 64 * 64;
+    job.direct_chunk = chunk < 1024 ? 1024 : chunk;
+  }
   for (int c = 0; c < KBIT_CODEBOOK4_SIZE; ++c) job.codebook[c] = kbit_code4_value(quant_type, c);
   job.Apad = NULL;
   job.C = NULL;

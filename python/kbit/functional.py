@@ -625,5 +625,12 @@ def matmul_4bit(
                              f"{bias.dtype}")
         _check_device(bias, "bias", B.device, "B")
         _check_contiguous(bias, "bias")
-    absmax = _absmax_4bit(state, n, B.device, "B")
+    return _matmul_4bit_absmax(A, B, state, _absmax_4bit(state, n, B.device, "B"), bias)
+
+
+def _matmul_4bit_absmax(A: torch.Tensor, B: torch.Tensor, state: QuantState4bit, absmax: torch.Tensor,
+                        bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """matmul_4bit with the state's float32 absmax given (Linear4bit keeps a nested state's); the op checks
+    every tensor's dtype, device and size before native code."""
+    n_out, k_in = state.shape
     return torch.ops.kbit.matmul_4bit(A, B, absmax, bias, n_out, k_in, state.blocksize, state.quant_type)
