@@ -25,6 +25,7 @@ OK, INVALID, UNSUPPORTED_DTYPE, UNSUPPORTED_BLOCKSIZE, TOO_LARGE = 0, 1, 2, 3, 4
 SHAPES = [
     (1, 7, 64, 64),
     (2, 5, 128, 64),
+    (3, 6, 192, 32),
     (3, 9, 96, 32),
     (4, 13, 256, 128),
     (3, 7, 100, 64),

@@ -46,6 +46,8 @@ const int64_t kChunk = 2048; /* k values per chunk, at most (a multiple of kPad)
 const int64_t kChunkF32 = 1024; /* float32 tiles: 16 KB */
 const int64_t kPad = 64;     /* rows of A and of a tile are padded with zeros to a multiple of this */
 const int64_t kRowBlock = 4; /* rows of A per microkernel call */
+/* Bytes ahead the direct kernels prefetch their weight rows (measured best of 0.5-8 KB here). */
+const int64_t kPrefetchBytes = 4096;
 const int64_t kDirectRows = 4; /* up to this many rows of A, the AVX-512 path decodes into registers */
 /* Bytes of A's rows the direct kernels keep in L1 per k chunk (at least 1024 values, a multiple of 64):
  * one row of 4096 float32 values is walked whole, weight row by weight row, for the prefetchers. */
@@ -223,6 +225,7 @@ KBIT_AVX512 void decode_tile_avx512(const MatmulJob& job, int64_t j0, int64_t ro
     for (; kk + 32 <= kc; kk += 32) {
       __m512 scaled = _mm512_mul_ps(code, _mm512_set1_ps(job.absmax[(start + kk) >> job.log2_bs]));
       __m512 w0, w1;
+      _mm_prefetch(reinterpret_cast<const char*>(src + kk / 2 + kTile * job.k / 2), _MM_HINT_T0); /* next tile */
       decode32_avx512(src + kk / 2, scaled, w0, w1);
       _mm512_storeu_ps(dst + kk, w0);
       _mm512_storeu_ps(dst + kk + 16, w1);
@@ -275,6 +278,7 @@ KBIT_AVX512 void direct_avx512(const MatmulJob& job, int64_t j, int64_t k0, int6
     for (int c = 0; c < COLS; ++c) {
       int64_t pos = start + c * job.k + k;
       __m512 scaled = _mm512_mul_ps(code, _mm512_set1_ps(job.absmax[pos >> job.log2_bs]));
+      _mm_prefetch(reinterpret_cast<const char*>(job.packed + (pos >> 1) + kPrefetchBytes), _MM_HINT_T0);
       decode32_avx512(job.packed + (pos >> 1), scaled, w[c][0], w[c][1]);
     }
     for (int i = 0; i < ROWS; ++i) {
@@ -344,6 +348,7 @@ KBIT_AVX512BF16 void decode_tile_bf16(const MatmulJob& job, int64_t j0, int64_t 
       const uint8_t* src = job.packed + (start >> 1);
       for (; kk + 64 <= kc; kk += 64) {
         __m512i table = bf16_table(job, code, start + kk);
+        _mm_prefetch(reinterpret_cast<const char*>(src + kk / 2 + kTile * job.k / 2), _MM_HINT_T0); /* next tile */
         __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + kk / 2)));
         __m512i hi = _mm512_or_si512(_mm512_srli_epi16(b, 4), half), lo = _mm512_or_si512(_mm512_and_si512(b, nib), half);
         _mm512_storeu_si512(dst + kk, _mm512_permutexvar_epi16(hi, table));
@@ -378,6 +383,7 @@ KBIT_AVX512BF16 void direct_bf16(const MatmulJob& job, int64_t j, int64_t k0, in
       __m512 lo_half = _mm512_mul_ps(code, _mm512_set1_ps(job.absmax[pos >> job.log2_bs]));
       __m512 hi_half = TWO_BLOCKS ? _mm512_mul_ps(code, _mm512_set1_ps(job.absmax[(pos + 32) >> job.log2_bs])) : lo_half;
       __m512i table = (__m512i)_mm512_cvtne2ps_pbh(hi_half, lo_half);
+      _mm_prefetch(reinterpret_cast<const char*>(job.packed + (pos >> 1) + kPrefetchBytes), _MM_HINT_T0);
       __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(job.packed + (pos >> 1))));
       __m512i hi = _mm512_or_si512(_mm512_srli_epi16(b, 4), half), lo = _mm512_or_si512(_mm512_and_si512(b, nib), half);
       w[c][0] = (__m512bh)_mm512_permutexvar_epi16(hi, table);
