@@ -206,3 +206,41 @@ def test_cuda_matches_the_definition(shape, dtype) -> None:
     A = torch.randn(m, k_in, generator=torch.Generator().manual_seed(k_in)).to(dtype)
     out = F.matmul_4bit(A.cuda(), packed.cuda(), state.to("cuda"))
     assert_linear_close(out.cpu(), A, W, None, dtype)
+
+
+_POOL_SCRIPT = r"""
+import os, torch
+import kbit.functional as F
+torch.set_num_threads(2)
+torch.ones(1 << 16).sum()  # torch's OpenMP team exists and has run
+before = len(os.listdir("/proc/self/task"))
+W = torch.randn(512, 1024, generator=torch.Generator().manual_seed(0))
+packed, state = F.quantize_4bit(W, blocksize=64, quant_type="nf4")
+A = torch.randn(8, 1024, generator=torch.Generator().manual_seed(1))
+ref = F.matmul_4bit(A, packed, state)
+started = len(os.listdir("/proc/self/task")) - before  # threads kbit started for its own pool
+pid = os.fork()
+if pid == 0:  # a forked child: libgomp's team is gone, kbit must use its own threads
+    ok = torch.equal(F.matmul_4bit(A, packed, state), ref)
+    os._exit(0 if ok else 3)
+_, status = os.waitpid(pid, 0)
+assert os.waitstatus_to_exitcode(status) == 0, status
+assert torch.equal(F.matmul_4bit(A, packed, state), ref)
+import hashlib
+print(started, hashlib.sha256(ref.numpy().tobytes()).hexdigest())
+"""
+
+
+def test_openmp_team_own_threads_and_a_forked_child_give_the_same_bytes(run_python) -> None:
+    """With torch loaded, the CPU library runs on torch's OpenMP team (parallel.cpp); with
+    KBIT_CPU_OPENMP=0 on its own threads (the one it starts shows in /proc/self/task); in a fork()ed
+    child on its own threads again. All finish (run_python's timeout catches a hang) and give the
+    same bytes."""
+    outs = []
+    for env in ({}, {"KBIT_CPU_OPENMP": "0"}, {"KBIT_NUM_THREADS": "2"}):
+        r = run_python("-c", _POOL_SCRIPT, env=env)
+        assert r.returncode == 0, r.stderr[-2000:]
+        outs.append(r.stdout)
+    started = [int(o.split()[0]) for o in outs]
+    digests = {o.split()[1] for o in outs}
+    assert started == [0, 1, 0] and len(digests) == 1, outs

@@ -1,8 +1,11 @@
 #include "parallel.h"
 
+#include <dlfcn.h>
+#include <link.h>
 #include <pthread.h>
 #include <sched.h>
 #include <stdlib.h>
+#include <string.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -108,6 +111,57 @@ __attribute__((destructor)) void stop_workers() {
   for (int i = 0; i < n; ++i) pthread_join(p.ids[i], NULL);
 }
 
+/* The process's OpenMP runtime (libgomp, e.g. the one torch loads), found among the loaded objects
+ * and never loaded by kbit: when there is one, parallel_for runs on its thread team, so kbit's work
+ * and torch's share one set of threads instead of two sets contending for the cores (torch's OpenMP
+ * threads spin for a while after each parallel region, and would take the cores from kbit's own).
+ * Not used in a fork()ed child (libgomp's team does not survive a fork) or with KBIT_CPU_OPENMP=0. */
+struct OpenMP {
+  void (*parallel)(void (*)(void*), void*, unsigned, unsigned); /* GOMP_parallel */
+  int (*max_threads)();                                         /* omp_get_max_threads */
+  int (*in_parallel)();                                         /* omp_in_parallel */
+};
+
+int find_libgomp(struct dl_phdr_info* info, size_t, void* out) {
+  const char* name = info->dlpi_name;
+  const char* base = name != NULL ? strrchr(name, '/') : NULL;
+  base = base != NULL ? base + 1 : name;
+  if (base == NULL || strncmp(base, "libgomp", 7) != 0) return 0;
+  void* handle = dlopen(name, RTLD_LAZY | RTLD_NOLOAD); /* already loaded: no new code is mapped */
+  if (handle == NULL) return 0;
+  OpenMP* omp = static_cast<OpenMP*>(out);
+  *reinterpret_cast<void**>(&omp->parallel) = dlsym(handle, "GOMP_parallel");
+  *reinterpret_cast<void**>(&omp->max_threads) = dlsym(handle, "omp_get_max_threads");
+  *reinterpret_cast<void**>(&omp->in_parallel) = dlsym(handle, "omp_in_parallel");
+  if (omp->parallel == NULL || omp->max_threads == NULL || omp->in_parallel == NULL) {
+    *omp = OpenMP{NULL, NULL, NULL};
+    return 0;
+  }
+  return 1;
+}
+
+/* The OpenMP runtime to use for this call, or NULL. Looked up once per process (pid): an OpenMP
+ * runtime loaded later (torch imported after kbit's first call) is not seen. */
+const OpenMP* openmp() {
+  static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+  static OpenMP omp = {NULL, NULL, NULL};
+  static pid_t probed_in = 0;
+  const char* env = getenv("KBIT_CPU_OPENMP");
+  if (env != NULL && strcmp(env, "0") == 0) return NULL;
+  pid_t pid = getpid();
+  pthread_mutex_lock(&lock);
+  if (probed_in == 0) {
+    dl_iterate_phdr(find_libgomp, &omp);
+    probed_in = pid;
+  }
+  const OpenMP* r = probed_in == pid && omp.parallel != NULL ? &omp : NULL;
+  pthread_mutex_unlock(&lock);
+  if (r != NULL && r->in_parallel()) return NULL; /* called from inside a parallel region: run serially */
+  return r;
+}
+
+void openmp_body(void* task) { run_task(static_cast<Task*>(task)); }
+
 }  // namespace
 
 int cpu_thread_count() {
@@ -133,6 +187,11 @@ void parallel_for(int64_t count, int64_t grain, range_fn fn, void* ctx) {
   if (count <= 0) return;
   if (grain < 1) grain = 1;
   int64_t threads = cpu_thread_count();
+  const OpenMP* omp = openmp();
+  if (omp != NULL && getenv("KBIT_NUM_THREADS") == NULL) {
+    int t = omp->max_threads(); /* torch.set_num_threads applies to kbit too */
+    threads = t < 1 ? 1 : (t > kMaxThreads ? kMaxThreads : t);
+  }
   int64_t by_grain = (count + grain - 1) / grain;
   if (threads > by_grain) threads = by_grain;
   if (threads <= 1 || pthread_mutex_trylock(&g_call_lock) != 0) {
@@ -146,6 +205,11 @@ void parallel_for(int64_t count, int64_t grain, range_fn fn, void* ctx) {
   task.count = count;
   task.chunk = grain;
   task.next.store(0, std::memory_order_relaxed);
+  if (omp != NULL) {
+    omp->parallel(openmp_body, &task, (unsigned)threads, 0);
+    pthread_mutex_unlock(&g_call_lock);
+    return;
+  }
   Pool& p = g_pool;
   pthread_mutex_lock(&p.lock);
   /* A thread that cannot start (resource limits) leaves its share to the others. */
