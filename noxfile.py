@@ -328,3 +328,4 @@ def bench(session: nox.Session) -> None:
     session.install("--no-deps", "--force-reinstall", str(wheel))
     session.run("python", "benchmarks/bench_blockwise.py", *session.posargs)
     session.run("python", "benchmarks/bench_kernels.py", *session.posargs)
+    session.run("python", "benchmarks/bench_cpu_linear.py")  # against bitsandbytes' default Linear4bit path

@@ -3,7 +3,8 @@
     python benchmarks/bench_kernels.py [--size 4096] [--params 4194304] [--repeat 15] [--json out.json]
 
 GEMV: one row x (size) times an NF4 weight (size x size, blocksize 64), y = x @ W.T, for fp32, fp16
-and bf16 x: kbit's gemv_4bit, bitsandbytes' matmul_4bit (its one-row CPU path), torch's dequantize +
+and bf16 x: kbit's gemv_4bit, bitsandbytes' matmul_4bit (its generic functional path; its faster default
+path, Linear4bit's repacked weight, is what bench_cpu_linear.py measures), torch's dequantize +
 matmul, torch's matmul of the already dequantized weight (the fp32 GEMV a 4-bit kernel replaces), and
 a memcpy of the packed weight (the bytes a GEMV must read: the bandwidth floor).
 Adam: one optimizer step of --params fp32 parameters: kbit.optim.Adam8bit, bitsandbytes' Adam8bit
