@@ -180,7 +180,7 @@ def test_bad_arguments_return_their_status(lib) -> None:
     assert h.kbit_matmul_4bit(0, 1, *p, 2, 3, 64, 48, None) == UNSUPPORTED_BLOCKSIZE
     assert h.kbit_matmul_4bit(0, 2, *p, 2, 3, 64, 64, None) == 6
     assert h.kbit_matmul_4bit(0, 1, *p, 2**40, 2**22, 64, 64, None) == TOO_LARGE
-    with pytest.raises(KbitNativeError, match="kbit_matmul_4bit.*unsupported blocksize"):
+    with pytest.raises(KbitNativeError, match=r"kbit_matmul_4bit.*unsupported blocksize"):
         lib.matmul_4bit(0, 1, *p, 2, 3, 64, 48, None)
 
 

@@ -30,8 +30,8 @@ __all__ = [
     "dequantize_blockwise",
     "dynamic_map",
     "gemv_4bit",
-    "matmul_4bit",
     "get_4bit_code",
+    "matmul_4bit",
     "quantize_4bit",
     "quantize_blockwise",
 ]
