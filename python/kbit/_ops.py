@@ -352,16 +352,9 @@ def _out_numel(out: Any) -> Any:
 
 def _check_gemv_4bit(A: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, bias: Optional[torch.Tensor],
                      n_out: Any, k_in: Any, blocksize: int, quant_type: str) -> None:
-    _count(n_out, "n_out")
-    _count(k_in, "k_in")
-    _blocksize(blocksize, 32)
-    _quant_type(quant_type)
-    _check(A, "A", A.device if isinstance(A, torch.Tensor) else None, _FLOATS, k_in)
-    n = n_out * k_in
-    _check(packed, "packed", A.device, _U8, (n + 1) // 2)
-    _check(absmax, "absmax", A.device, _F32, _blocks(n, blocksize))
-    if bias is not None:
-        _check(bias, "bias", A.device, (A.dtype,), n_out)
+    _check_matmul_4bit(A, packed, absmax, bias, n_out, k_in, blocksize, quant_type)
+    if A.numel() != k_in:
+        raise ValueError(f"A must hold {k_in} elements, got {A.numel()}")
 
 
 @_define("gemv_4bit(Tensor A, Tensor packed, Tensor absmax, Tensor? bias, SymInt n_out, SymInt k_in, "
@@ -393,20 +386,6 @@ def _gemv_setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor)
     ctx.n_out, ctx.k_in, ctx.blocksize, ctx.quant_type = n_out, k_in, blocksize, quant_type
 
 
-def _gemv_backward(ctx: Any, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
-    """d out / d A = W' (the float32 dequantized weight), d out / d bias = 1; packed and absmax get none."""
-    packed, absmax = ctx.saved_tensors
-    grad_A = grad_bias = None
-    if ctx.needs_input_grad[0]:
-        W = torch.ops.kbit.dequantize_4bit(packed, absmax, ctx.blocksize, ctx.quant_type, [ctx.n_out, ctx.k_in],
-                                           torch.float32)
-        grad_A = (grad.reshape(1, ctx.n_out).float() @ W).reshape(ctx.shape).to(ctx.dtype)
-    if ctx.has_bias and ctx.needs_input_grad[3]:
-        grad_bias = grad.reshape(ctx.n_out)
-    return grad_A, None, None, grad_bias, None, None, None, None
-
-
-torch.library.register_autograd("kbit::gemv_4bit", _gemv_backward, setup_context=_gemv_setup_context, lib=_LIB)
 
 
 def _check_matmul_4bit(A: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, bias: Optional[torch.Tensor],
@@ -448,7 +427,7 @@ def _(A: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, bias: Optiona
     return A.new_empty((*A.shape[:-1], n_out))
 
 
-def _matmul_backward(ctx: Any, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
+def _linear_backward(ctx: Any, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
     """d out / d A = W' (the float32 dequantized weight), d out / d bias = 1; packed and absmax get none."""
     packed, absmax = ctx.saved_tensors
     grad_A = grad_bias = None
@@ -461,7 +440,8 @@ def _matmul_backward(ctx: Any, grad: torch.Tensor) -> tuple[Optional[torch.Tenso
     return grad_A, None, None, grad_bias, None, None, None, None
 
 
-torch.library.register_autograd("kbit::matmul_4bit", _matmul_backward, setup_context=_gemv_setup_context, lib=_LIB)
+torch.library.register_autograd("kbit::matmul_4bit", _linear_backward, setup_context=_gemv_setup_context, lib=_LIB)
+torch.library.register_autograd("kbit::gemv_4bit", _linear_backward, setup_context=_gemv_setup_context, lib=_LIB)
 
 
 # --- 8-bit Adam ---------------------------------------------------------------------------------------

@@ -560,6 +560,33 @@ def dequantize_4bit(
     return out
 
 
+def _check_linear_4bit(A: Any, B: Any, quant_state: Any, bias: Any, one_row: bool) -> tuple:
+    """gemv_4bit's and matmul_4bit's arguments: (A, B, state, numel of W, bias), checked."""
+    B, state, n = _check_state_4bit(B, quant_state, "B")
+    A = _check_tensor(A, "A")
+    if len(state.shape) != 2:
+        raise ValueError(f"quant_state.shape must be (n_out, k_in) of a 2-D weight, got {tuple(state.shape)}")
+    n_out, k_in = state.shape
+    if A.dtype not in _DTYPES:
+        raise TypeError(f"A must be {_DTYPE_NAMES}, got {A.dtype}")
+    if one_row and (A.dim() == 0 or A.shape[-1] != k_in or A.numel() != k_in):
+        raise ValueError(f"A must have shape (..., {k_in}) with one row ({k_in} elements) for a weight of shape "
+                         f"{tuple(state.shape)}, got {tuple(A.shape)}: use matmul_4bit for more rows")
+    if A.dim() == 0 or A.shape[-1] != k_in:
+        raise ValueError(f"A must have shape (..., {k_in}) for a weight of shape {tuple(state.shape)}, "
+                         f"got {tuple(A.shape)}")
+    _check_device(A, "A", B.device, "B")
+    _check_contiguous(A, "A")
+    if bias is not None:
+        bias = _check_tensor(bias, "bias")
+        if bias.dtype != A.dtype or bias.numel() != n_out:
+            raise ValueError(f"bias must hold {n_out} values of A's dtype {A.dtype}, got {bias.numel()} of "
+                             f"{bias.dtype}")
+        _check_device(bias, "bias", B.device, "B")
+        _check_contiguous(bias, "bias")
+    return A, B, state, n, bias
+
+
 def gemv_4bit(
     A: torch.Tensor, B: torch.Tensor, quant_state: QuantState4bit, bias: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
@@ -570,25 +597,8 @@ def gemv_4bit(
     float32, float16 or bfloat16 of one dtype, the result has A's dtype and shape (..., n_out).
     The sum is accumulated in float32. NaN/inf in A, bias or the weight propagate to the outputs
     they touch, as in a plain matmul."""
-    B, state, n = _check_state_4bit(B, quant_state, "B")
-    A = _check_tensor(A, "A")
-    if len(state.shape) != 2:
-        raise ValueError(f"quant_state.shape must be (n_out, k_in) of a 2-D weight, got {tuple(state.shape)}")
+    A, B, state, n, bias = _check_linear_4bit(A, B, quant_state, bias, one_row=True)
     n_out, k_in = state.shape
-    if A.dtype not in _DTYPES:
-        raise TypeError(f"A must be {_DTYPE_NAMES}, got {A.dtype}")
-    if A.dim() == 0 or A.shape[-1] != k_in or A.numel() != k_in:
-        raise ValueError(f"A must have shape (..., {k_in}) with one row ({k_in} elements) for a weight of shape "
-                         f"{tuple(state.shape)}, got {tuple(A.shape)}: use dequantize_4bit and a matmul for more rows")
-    _check_device(A, "A", B.device, "B")
-    _check_contiguous(A, "A")
-    if bias is not None:
-        bias = _check_tensor(bias, "bias")
-        if bias.dtype != A.dtype or bias.numel() != n_out:
-            raise ValueError(f"bias must hold {n_out} values of A's dtype {A.dtype}, got {bias.numel()} of "
-                             f"{bias.dtype}")
-        _check_device(bias, "bias", B.device, "B")
-        _check_contiguous(bias, "bias")
     absmax = _absmax_4bit(state, n, B.device, "B")
     return torch.ops.kbit.gemv_4bit(A, B, absmax, bias, n_out, k_in, state.blocksize, state.quant_type)
 
@@ -606,25 +616,7 @@ def matmul_4bit(
     and shape (..., n_out). The sum is accumulated in float32; for bfloat16, the CPU's AVX-512-BF16
     kernel rounds W' to bfloat16 first (as a bfloat16 matmul of the dequantized weight does).
     Differentiable in A and bias."""
-    B, state, n = _check_state_4bit(B, quant_state, "B")
-    A = _check_tensor(A, "A")
-    if len(state.shape) != 2:
-        raise ValueError(f"quant_state.shape must be (n_out, k_in) of a 2-D weight, got {tuple(state.shape)}")
-    n_out, k_in = state.shape
-    if A.dtype not in _DTYPES:
-        raise TypeError(f"A must be {_DTYPE_NAMES}, got {A.dtype}")
-    if A.dim() == 0 or A.shape[-1] != k_in:
-        raise ValueError(f"A must have shape (..., {k_in}) for a weight of shape {tuple(state.shape)}, "
-                         f"got {tuple(A.shape)}")
-    _check_device(A, "A", B.device, "B")
-    _check_contiguous(A, "A")
-    if bias is not None:
-        bias = _check_tensor(bias, "bias")
-        if bias.dtype != A.dtype or bias.numel() != n_out:
-            raise ValueError(f"bias must hold {n_out} values of A's dtype {A.dtype}, got {bias.numel()} of "
-                             f"{bias.dtype}")
-        _check_device(bias, "bias", B.device, "B")
-        _check_contiguous(bias, "bias")
+    A, B, state, n, bias = _check_linear_4bit(A, B, quant_state, bias, one_row=False)
     return _matmul_4bit_absmax(A, B, state, _absmax_4bit(state, n, B.device, "B"), bias)
 
 
