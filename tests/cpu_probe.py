@@ -81,6 +81,7 @@ def main(lib_path: str, codebooks_path: str) -> dict[str, str]:
         "kbit_quantize_4bit": [ctypes.c_int, ctypes.c_int, vp, vp, vp, i64, i32, vp],
         "kbit_dequantize_4bit": [ctypes.c_int, ctypes.c_int, vp, vp, vp, i64, i32, vp],
         "kbit_gemv_4bit": [ctypes.c_int, ctypes.c_int, vp, vp, vp, vp, vp, i64, i64, i32, vp],
+        "kbit_matmul_4bit": [ctypes.c_int, ctypes.c_int, vp, vp, vp, vp, vp, i64, i64, i64, i32, vp],
         "kbit_adam_8bit_blockwise": [ctypes.c_int, vp, vp, vp, vp, vp, vp, vp, vp, f32, f32, f32, f32, f32, i32,
                                      f32, ctypes.c_int, i64, vp],
     }.items():
@@ -122,6 +123,16 @@ def main(lib_path: str, codebooks_path: str) -> dict[str, str]:
             y = buffer(len(bytes(bias)))
             check(lib.kbit_gemv_4bit(dtype, NF4, x, packed, absmax, bias, y, n_out, k_in, 64, None), "gemv")
             out[f"gemv/{dtype}/{n_out}x{k_in}"] = digest((y, KIND[dtype]))
+        # The matmul: 1 and 3 rows (the direct kernels), 9 rows (the tiled one), blocks straddling rows
+        for m, n_out, k_in in ((1, 64, 256), (3, 36, 128), (9, 40, 192), (5, 30, 77)):
+            W = buffer(as_dtype(floats(n_out * k_in, seed=6), dtype))
+            packed, absmax = buffer((n_out * k_in + 1) // 2), buffer(4 * -(-(n_out * k_in) // 64))
+            check(lib.kbit_quantize_4bit(dtype, NF4, W, packed, absmax, n_out * k_in, 64, None), "q4 W")
+            x = buffer(as_dtype(floats(m * k_in, seed=7), dtype))
+            bias = buffer(as_dtype(floats(n_out, seed=8), dtype))
+            y = buffer(len(bytes(bias)) * m)
+            check(lib.kbit_matmul_4bit(dtype, NF4, x, packed, absmax, bias, y, m, n_out, k_in, 64, None), "matmul")
+            out[f"matmul/{dtype}/{m}x{n_out}x{k_in}"] = digest((y, KIND[dtype]))
         # Two Adam steps (the second from the first's states), and AdamW
         n = 5000
         for decoupled in (0, 1):
