@@ -376,8 +376,10 @@ KBIT_AVX512BF16 void direct_bf16(const MatmulJob& job, int64_t j, int64_t k0, in
   for (int i = 0; i < ROWS; ++i)
     for (int c = 0; c < COLS; ++c) acc[i][c][0] = acc[i][c][1] = _mm512_setzero_ps();
   const int64_t start = j * job.k;
-  for (int64_t k = k0; k < k1; k += 64) {
-    __m512bh w[COLS][2];
+  /* Software-pipelined: the next step's weights are decoded before this step's products, so the
+   * decode's long dependency chain overlaps the dot products instead of stalling them. */
+  __m512bh w[COLS][2], next[COLS][2];
+  auto decode = [&](int64_t k, __m512bh (&dst)[COLS][2]) KBIT_AVX512BF16 {
     for (int c = 0; c < COLS; ++c) {
       int64_t pos = start + c * job.k + k;
       __m512 lo_half = _mm512_mul_ps(code, _mm512_set1_ps(job.absmax[pos >> job.log2_bs]));
@@ -386,9 +388,14 @@ KBIT_AVX512BF16 void direct_bf16(const MatmulJob& job, int64_t j, int64_t k0, in
       _mm_prefetch(reinterpret_cast<const char*>(job.packed + (pos >> 1) + kPrefetchBytes), _MM_HINT_T0);
       __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(job.packed + (pos >> 1))));
       __m512i hi = _mm512_or_si512(_mm512_srli_epi16(b, 4), half), lo = _mm512_or_si512(_mm512_and_si512(b, nib), half);
-      w[c][0] = (__m512bh)_mm512_permutexvar_epi16(hi, table);
-      w[c][1] = (__m512bh)_mm512_permutexvar_epi16(lo, table);
+      dst[c][0] = (__m512bh)_mm512_permutexvar_epi16(hi, table);
+      dst[c][1] = (__m512bh)_mm512_permutexvar_epi16(lo, table);
     }
+  };
+  decode(k0, next);
+  for (int64_t k = k0; k < k1; k += 64) {
+    for (int c = 0; c < COLS; ++c) w[c][0] = next[c][0], w[c][1] = next[c][1];
+    if (k + 64 < k1) decode(k + 64, next);
     for (int i = 0; i < ROWS; ++i) {
       __m512bh a0 = (__m512bh)_mm512_loadu_si512(A + i * job.lda + k);
       __m512bh a1 = (__m512bh)_mm512_loadu_si512(A + i * job.lda + k + 32);
