@@ -1,12 +1,16 @@
 /*
  * Host-side pieces every CPU kernel file uses: scalar load/store of kbit's element types (one struct
  * per dtype, so kernels take the element type as a template parameter) and the 4-bit codebook
- * tables of the 4-bit dequantize and GEMV kernels. The conversions themselves are kbit_math.h's.
+ * tables and AVX2 lookup of the 4-bit dequantize, GEMV and matmul kernels. The conversions themselves
+ * are kbit_math.h's.
  */
 #ifndef KBIT_CPU_CPU_DTYPE_H_
 #define KBIT_CPU_CPU_DTYPE_H_
 
 #include <stdint.h>
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
 
 #include "kbit.h"
 #include "kbit_math.h"
@@ -53,6 +57,15 @@ inline void fill_code4_tables(int quant_type, float* codebook, float (*pairs)[2]
     pairs[v][1] = codebook[kbit_unpack4_second((uint8_t)v)];
   }
 }
+
+#if defined(__x86_64__) && defined(__GNUC__)
+/* The codebook entries of 8 nibble indices (int32 lanes), the codebook in two registers: vpermps
+ * uses the low 3 bits, bit 3 picks the half (moved to the sign bit for the blend). */
+__attribute__((target("avx2"))) inline __m256 lookup16_avx2(__m256 lo8, __m256 hi8, __m256i idx) {
+  __m256 a = _mm256_permutevar8x32_ps(lo8, idx), b = _mm256_permutevar8x32_ps(hi8, idx);
+  return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+}
+#endif
 
 }  // namespace cpu
 }  // namespace kbit

@@ -132,13 +132,6 @@ void gemv_rows(void* ctx, int64_t first_row, int64_t end_row) {
 
 bool use_avx2() { return kbit::cpu::avx2_usable(true); }
 
-/* The codebook entries of 8 nibble indices (int32 lanes): vpermps uses the low 3 bits, bit 3 picks
- * the half (moved to the sign bit for the blend). */
-KBIT_AVX2 inline __m256 lookup16(__m256 lo8, __m256 hi8, __m256i idx) {
-  __m256 a = _mm256_permutevar8x32_ps(lo8, idx), b = _mm256_permutevar8x32_ps(hi8, idx);
-  return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
-}
-
 /* As segment_dot, A float32: 16 values per step in registers, the rest as segment_dot does. */
 KBIT_AVX2 void segment_dot_avx2(const GemvJob& job, const float* __restrict A, int64_t row_start, int64_t pos,
                                 int64_t end, float m, __m256& acc0, __m256& acc1, __m256& acc2, __m256& acc3,
@@ -159,10 +152,10 @@ KBIT_AVX2 void segment_dot_avx2(const GemvJob& job, const float* __restrict A, i
     __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + k / 2));
     __m128i h = _mm_and_si128(_mm_srli_epi16(bytes, 4), nib), l = _mm_and_si128(bytes, nib);
     __m128i c0 = _mm_unpacklo_epi8(h, l), c1 = _mm_unpackhi_epi8(h, l);
-    __m256 w0 = _mm256_mul_ps(lookup16(lo8, hi8, _mm256_cvtepu8_epi32(c0)), vm);
-    __m256 w1 = _mm256_mul_ps(lookup16(lo8, hi8, _mm256_cvtepu8_epi32(_mm_srli_si128(c0, 8))), vm);
-    __m256 w2 = _mm256_mul_ps(lookup16(lo8, hi8, _mm256_cvtepu8_epi32(c1)), vm);
-    __m256 w3 = _mm256_mul_ps(lookup16(lo8, hi8, _mm256_cvtepu8_epi32(_mm_srli_si128(c1, 8))), vm);
+    __m256 w0 = _mm256_mul_ps(cpu::lookup16_avx2(lo8, hi8, _mm256_cvtepu8_epi32(c0)), vm);
+    __m256 w1 = _mm256_mul_ps(cpu::lookup16_avx2(lo8, hi8, _mm256_cvtepu8_epi32(_mm_srli_si128(c0, 8))), vm);
+    __m256 w2 = _mm256_mul_ps(cpu::lookup16_avx2(lo8, hi8, _mm256_cvtepu8_epi32(c1)), vm);
+    __m256 w3 = _mm256_mul_ps(cpu::lookup16_avx2(lo8, hi8, _mm256_cvtepu8_epi32(_mm_srli_si128(c1, 8))), vm);
     acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), w0, acc0);
     acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 8), w1, acc1);
     acc2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 16), w2, acc2);
@@ -171,8 +164,8 @@ KBIT_AVX2 void segment_dot_avx2(const GemvJob& job, const float* __restrict A, i
   for (; k + 16 <= cnt; k += 16) {
     __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + k / 2));
     __m128i codes = _mm_unpacklo_epi8(_mm_and_si128(_mm_srli_epi16(bytes, 4), nib), _mm_and_si128(bytes, nib));
-    __m256 w0 = _mm256_mul_ps(lookup16(lo8, hi8, _mm256_cvtepu8_epi32(codes)), vm);
-    __m256 w1 = _mm256_mul_ps(lookup16(lo8, hi8, _mm256_cvtepu8_epi32(_mm_srli_si128(codes, 8))), vm);
+    __m256 w0 = _mm256_mul_ps(cpu::lookup16_avx2(lo8, hi8, _mm256_cvtepu8_epi32(codes)), vm);
+    __m256 w1 = _mm256_mul_ps(cpu::lookup16_avx2(lo8, hi8, _mm256_cvtepu8_epi32(_mm_srli_si128(codes, 8))), vm);
     acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), w0, acc0);
     acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 8), w1, acc1);
   }

@@ -135,11 +135,6 @@ inline void add_sums_direct(const MatmulJob& job, int rows, int64_t j, int cols,
 #define KBIT_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")))
 
 /* Aligned layout: the 32 values at k0 + kk of row j are 16 whole bytes in one block. */
-KBIT_AVX2 inline __m256 lookup16_avx2(__m256 lo8, __m256 hi8, __m256i idx) {
-  __m256 a = _mm256_permutevar8x32_ps(lo8, idx), b = _mm256_permutevar8x32_ps(hi8, idx);
-  return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
-}
-
 KBIT_AVX2 void decode_tile_avx2(const MatmulJob& job, int64_t j0, int64_t rows, int64_t k0, int64_t kc, int64_t ldb,
                                 float* __restrict buf) {
   const __m128i nib = _mm_set1_epi8(0x0f);
@@ -159,10 +154,10 @@ KBIT_AVX2 void decode_tile_avx2(const MatmulJob& job, int64_t j0, int64_t rows, 
       __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + kk / 2));
       __m128i h = _mm_and_si128(_mm_srli_epi16(bytes, 4), nib), l = _mm_and_si128(bytes, nib);
       __m128i c0 = _mm_unpacklo_epi8(h, l), c1 = _mm_unpackhi_epi8(h, l);
-      _mm256_storeu_ps(dst + kk, lookup16_avx2(lo8, hi8, _mm256_cvtepu8_epi32(c0)));
-      _mm256_storeu_ps(dst + kk + 8, lookup16_avx2(lo8, hi8, _mm256_cvtepu8_epi32(_mm_srli_si128(c0, 8))));
-      _mm256_storeu_ps(dst + kk + 16, lookup16_avx2(lo8, hi8, _mm256_cvtepu8_epi32(c1)));
-      _mm256_storeu_ps(dst + kk + 24, lookup16_avx2(lo8, hi8, _mm256_cvtepu8_epi32(_mm_srli_si128(c1, 8))));
+      _mm256_storeu_ps(dst + kk, cpu::lookup16_avx2(lo8, hi8, _mm256_cvtepu8_epi32(c0)));
+      _mm256_storeu_ps(dst + kk + 8, cpu::lookup16_avx2(lo8, hi8, _mm256_cvtepu8_epi32(_mm_srli_si128(c0, 8))));
+      _mm256_storeu_ps(dst + kk + 16, cpu::lookup16_avx2(lo8, hi8, _mm256_cvtepu8_epi32(c1)));
+      _mm256_storeu_ps(dst + kk + 24, cpu::lookup16_avx2(lo8, hi8, _mm256_cvtepu8_epi32(_mm_srli_si128(c1, 8))));
     }
     for (; kk < kc; ++kk) dst[kk] = weight_value(job, j0 + r, k0 + kk);
     for (; kk < ldb; ++kk) dst[kk] = 0.0f;
@@ -324,18 +319,25 @@ KBIT_AVX512 void direct_rows(const MatmulJob& job, int64_t t0, int64_t t1) {
  * of the block of the group's first 32 values (entries 0-15), and of its last 32 (16-31; the same
  * block unless blocksize is 32), each product rounded once to bfloat16. Lane u < 32 of w0 is value 2u
  * of the group, of w1 value 2u + 1 (slot()), so lanes 16-31 index the second half of the table. */
+template <bool TWO_BLOCKS>
 KBIT_AVX512BF16 inline __m512i bf16_table(const MatmulJob& job, __m512 code, int64_t pos) {
   __m512 a = _mm512_mul_ps(code, _mm512_set1_ps(job.absmax[pos >> job.log2_bs]));
-  __m512 b = _mm512_mul_ps(code, _mm512_set1_ps(job.absmax[(pos + 32) >> job.log2_bs]));
+  __m512 b = TWO_BLOCKS ? _mm512_mul_ps(code, _mm512_set1_ps(job.absmax[(pos + 32) >> job.log2_bs])) : a;
   return (__m512i)_mm512_cvtne2ps_pbh(b, a);
+}
+
+/* The 64 values of 32 bytes through the table: w0 the high nibbles (even values), w1 the low ones. */
+KBIT_AVX512BF16 inline void decode64_bf16(const uint8_t* src, __m512i table, __m512i& w0, __m512i& w1) {
+  const __m512i half = _mm512_set_epi64(0x0010001000100010LL, 0x0010001000100010LL, 0x0010001000100010LL,
+                                        0x0010001000100010LL, 0, 0, 0, 0);
+  __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
+  w0 = _mm512_permutexvar_epi16(_mm512_or_si512(_mm512_srli_epi16(b, 4), half), table);
+  w1 = _mm512_permutexvar_epi16(_mm512_or_si512(_mm512_and_si512(b, _mm512_set1_epi16(15)), half), table);
 }
 
 KBIT_AVX512BF16 void decode_tile_bf16(const MatmulJob& job, int64_t j0, int64_t rows, int64_t k0, int64_t kc,
                                       int64_t ldb, uint16_t* __restrict buf) {
   const __m512 code = _mm512_loadu_ps(job.codebook);
-  const __m512i half = _mm512_set_epi64(0x0010001000100010LL, 0x0010001000100010LL, 0x0010001000100010LL,
-                                        0x0010001000100010LL, 0, 0, 0, 0);
-  const __m512i nib = _mm512_set1_epi16(15);
   for (int64_t r = 0; r < kTile; ++r) {
     uint16_t* dst = buf + r * ldb;
     if (r >= rows) {
@@ -347,12 +349,11 @@ KBIT_AVX512BF16 void decode_tile_bf16(const MatmulJob& job, int64_t j0, int64_t 
       int64_t start = (j0 + r) * job.k + k0;
       const uint8_t* src = job.packed + (start >> 1);
       for (; kk + 64 <= kc; kk += 64) {
-        __m512i table = bf16_table(job, code, start + kk);
+        __m512i w0, w1;
         _mm_prefetch(reinterpret_cast<const char*>(src + kk / 2 + kTile * job.k / 2), _MM_HINT_T0); /* next tile */
-        __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + kk / 2)));
-        __m512i hi = _mm512_or_si512(_mm512_srli_epi16(b, 4), half), lo = _mm512_or_si512(_mm512_and_si512(b, nib), half);
-        _mm512_storeu_si512(dst + kk, _mm512_permutexvar_epi16(hi, table));
-        _mm512_storeu_si512(dst + kk + 32, _mm512_permutexvar_epi16(lo, table));
+        decode64_bf16(src + kk / 2, bf16_table<true>(job, code, start + kk), w0, w1);
+        _mm512_storeu_si512(dst + kk, w0);
+        _mm512_storeu_si512(dst + kk + 32, w1);
       }
     }
     for (; kk < ldb; kk += 64) { /* value by value (blocks straddle rows, or the chunk's tail), zero padded */
@@ -364,13 +365,10 @@ KBIT_AVX512BF16 void decode_tile_bf16(const MatmulJob& job, int64_t j0, int64_t 
   }
 }
 
-/* As direct_avx512, for bfloat16: 64 values per step decoded with vpermw (decode_tile_bf16), vdpbf16ps. */
+/* As direct_avx512, for bfloat16: 64 values per step decoded with vpermw (decode64_bf16), vdpbf16ps. */
 template <int ROWS, int COLS, bool TWO_BLOCKS>
 KBIT_AVX512BF16 void direct_bf16(const MatmulJob& job, int64_t j, int64_t k0, int64_t k1, float* __restrict res) {
   const __m512 code = _mm512_loadu_ps(job.codebook);
-  const __m512i half = _mm512_set_epi64(0x0010001000100010LL, 0x0010001000100010LL, 0x0010001000100010LL,
-                                        0x0010001000100010LL, 0, 0, 0, 0);
-  const __m512i nib = _mm512_set1_epi16(15);
   const uint16_t* __restrict A = static_cast<const uint16_t*>(job.Apad);
   __m512 acc[ROWS][COLS][2];
   for (int i = 0; i < ROWS; ++i)
@@ -382,14 +380,11 @@ KBIT_AVX512BF16 void direct_bf16(const MatmulJob& job, int64_t j, int64_t k0, in
   auto decode = [&](int64_t k, __m512bh (&dst)[COLS][2]) KBIT_AVX512BF16 {
     for (int c = 0; c < COLS; ++c) {
       int64_t pos = start + c * job.k + k;
-      __m512 lo_half = _mm512_mul_ps(code, _mm512_set1_ps(job.absmax[pos >> job.log2_bs]));
-      __m512 hi_half = TWO_BLOCKS ? _mm512_mul_ps(code, _mm512_set1_ps(job.absmax[(pos + 32) >> job.log2_bs])) : lo_half;
-      __m512i table = (__m512i)_mm512_cvtne2ps_pbh(hi_half, lo_half);
+      __m512i w0, w1;
       _mm_prefetch(reinterpret_cast<const char*>(job.packed + (pos >> 1) + kPrefetchBytes), _MM_HINT_T0);
-      __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(job.packed + (pos >> 1))));
-      __m512i hi = _mm512_or_si512(_mm512_srli_epi16(b, 4), half), lo = _mm512_or_si512(_mm512_and_si512(b, nib), half);
-      dst[c][0] = (__m512bh)_mm512_permutexvar_epi16(hi, table);
-      dst[c][1] = (__m512bh)_mm512_permutexvar_epi16(lo, table);
+      decode64_bf16(job.packed + (pos >> 1), bf16_table<TWO_BLOCKS>(job, code, pos), w0, w1);
+      dst[c][0] = (__m512bh)w0;
+      dst[c][1] = (__m512bh)w1;
     }
   };
   decode(k0, next);
@@ -483,8 +478,6 @@ void matmul_tiles(void* ctx, int64_t t0, int64_t t1) {
   alignas(64) float fbuf[kTile * kChunkF32];
 #if defined(KBIT_MATMUL_X86)
   alignas(64) uint16_t hbuf[kTile * kChunk];
-#endif
-#if defined(KBIT_MATMUL_X86)
   if (job.direct) {
     if (job.path == kAvx512Bf16) direct_rows_bf16(job, t0, t1);
     else direct_rows(job, t0, t1);
@@ -546,8 +539,8 @@ void matmul_tiles(void* ctx, int64_t t0, int64_t t1) {
   }
 }
 
-/* The kernel for dtype (and m_rows rows of A: the direct kernels are chosen by the caller). */
-int choose_path(int dtype, int64_t m_rows) {
+/* The kernel for dtype (the direct kernels for a few rows are chosen by the caller). */
+int choose_path(int dtype) {
 #if defined(KBIT_MATMUL_X86)
   unsigned level = cpu::simd_level();
   if (level >= cpu::kSimdAvx512) {
@@ -557,7 +550,6 @@ int choose_path(int dtype, int64_t m_rows) {
   if (level >= cpu::kSimdAvx2) return kAvx2;
 #else
   (void)dtype;
-  (void)m_rows;
 #endif
   return kPortable;
 }
@@ -575,7 +567,7 @@ extern "C" KBIT_API int kbit_matmul_4bit(int dtype, int quant_type, const void* 
   if (status != KBIT_OK || m_rows == 0 || n_out == 0) return status;
   MatmulJob job;
   job.dtype = dtype;
-  job.path = choose_path(dtype, m_rows);
+  job.path = choose_path(dtype);
   job.packed = packed;
   job.absmax = absmax;
   job.bias = bias;

@@ -363,12 +363,22 @@ def gemv_4bit(A: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, bias:
               n_out: int, k_in: int, blocksize: int, quant_type: str) -> torch.Tensor:
     """out = W' A (+ bias) for one row A of k_in values and the (n_out, k_in) weight W quantized flat."""
     _check_gemv_4bit(A, packed, absmax, bias, n_out, k_in, blocksize, quant_type)
+    return _linear_4bit(A, packed, absmax, bias, n_out, k_in, blocksize, quant_type, rows=None)
+
+
+def _linear_4bit(A: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, bias: Optional[torch.Tensor],
+                 n_out: int, k_in: int, blocksize: int, quant_type: str, rows: Optional[int]) -> torch.Tensor:
+    """The checked call of kbit_gemv_4bit (rows None) or kbit_matmul_4bit (rows rows of A)."""
     dev = A.device
     out = torch.empty((*A.shape[:-1], n_out), dtype=A.dtype, device=dev)
-    args = (_float_dtype(A.dtype, "A"), _quant_type(quant_type), A.data_ptr(), packed.data_ptr(), absmax.data_ptr(),
-            None if bias is None else bias.data_ptr(), out.data_ptr(), n_out, k_in, blocksize)
+    ptrs = (A.data_ptr(), packed.data_ptr(), absmax.data_ptr(), None if bias is None else bias.data_ptr(),
+            out.data_ptr())
+    head = (_float_dtype(A.dtype, "A"), _quant_type(quant_type), *ptrs)
     with _on_device(dev):
-        _library(dev).gemv_4bit(*args, _stream(dev))
+        if rows is None:
+            _library(dev).gemv_4bit(*head, n_out, k_in, blocksize, _stream(dev))
+        else:
+            _library(dev).matmul_4bit(*head, rows, n_out, k_in, blocksize, _stream(dev))
     return out
 
 
@@ -410,14 +420,7 @@ def matmul_4bit(A: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, bia
                 n_out: int, k_in: int, blocksize: int, quant_type: str) -> torch.Tensor:
     """out = A W'^T (+ bias) for A of shape (..., k_in) and the (n_out, k_in) weight W quantized flat."""
     _check_matmul_4bit(A, packed, absmax, bias, n_out, k_in, blocksize, quant_type)
-    dev = A.device
-    out = torch.empty((*A.shape[:-1], n_out), dtype=A.dtype, device=dev)
-    rows = A.numel() // k_in if k_in > 0 else math.prod(A.shape[:-1])
-    args = (_float_dtype(A.dtype, "A"), _quant_type(quant_type), A.data_ptr(), packed.data_ptr(), absmax.data_ptr(),
-            None if bias is None else bias.data_ptr(), out.data_ptr(), rows, n_out, k_in, blocksize)
-    with _on_device(dev):
-        _library(dev).matmul_4bit(*args, _stream(dev))
-    return out
+    return _linear_4bit(A, packed, absmax, bias, n_out, k_in, blocksize, quant_type, rows=math.prod(A.shape[:-1]))
 
 
 @_fake("matmul_4bit")
