@@ -1,6 +1,6 @@
 """Property: the policy never picks a library a device cannot run, and picks one whenever one runs.
 
-The oracle below is written from CUDA's rules (issue 3), not from the policy's helpers:
+The oracle below is written from CUDA's compatibility rules, not from the policy's helpers:
   * a cubin sm_XY runs on sm_XZ for Z >= Y, same major only; sm_XYa only on sm_XY; sm_XYf like sm_XY;
   * PTX compute_XY JIT-compiles for any device >= XY (compute_XYa only for XY), if the driver's CUDA
     version is at least the library's;
@@ -14,11 +14,11 @@ from typing import Optional
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kbit._drivers import MINOR_COMPAT_FLOOR
 from kbit._policy import select
 from kbit._probes import Device, DriverProbe, LibraryEntry, Manifest, Probes, TorchProbe
 from kbit._versions import CudaVersion, cuda_library_name
 
-FLOORS = {11: 450, 12: 525, 13: 580}
 VERSIONS = [(11, 0), (11, 4), (11, 8), (12, 0), (12, 2), (12, 4), (12, 5), (12, 6), (12, 8), (12, 9),
             (13, 0), (13, 1)]
 ARCHS = ["50", "60", "61", "70", "75", "80", "86", "89", "90", "90a", "100", "100a", "100f", "103", "120",
@@ -54,7 +54,7 @@ def runs(lib: tuple[int, int], archs: list[str], ptx: list[str], driver: tuple[i
     has_cubin = all(any(cubin_runs(a, c) for a in archs) for c in caps)
     if lib <= driver:
         return all(any(cubin_runs(a, c) for a in archs) or any(ptx_runs(p, c) for p in ptx) for c in caps)
-    if lib[0] == driver[0] and branch is not None and branch >= FLOORS[lib[0]]:
+    if lib[0] == driver[0] and branch is not None and branch >= MINOR_COMPAT_FLOOR[lib[0]]:
         return has_cubin
     return False
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 import tomllib
+from kbit._drivers import MINOR_COMPAT_FLOOR
 from kbit._versions import CudaVersion, cuda_library_name
 
 from . import REPO
@@ -111,6 +112,9 @@ def _row(raw: dict, where: str) -> Row:
         raise MatrixError(f"{where}: archs must be unique and ascending: {archs}")
     if _arch_key(ptx) < _arch_key(archs[-1]):
         raise MatrixError(f"{where}: ptx {ptx} is below the top arch {archs[-1]}")
+    if cuda.major not in MINOR_COMPAT_FLOOR:
+        raise MatrixError(f"{where}: CUDA {cuda.major}.x has no minor-version compatibility floor in "
+                          "python/kbit/_drivers.py (MINOR_COMPAT_FLOOR): add the major's first driver branch there")
     if len(gcc) != 2 or gcc[0] > gcc[1]:
         raise MatrixError(f"{where}: gcc must be [min, max]: {gcc}")
     if not (REPO / dockerfile).is_file():

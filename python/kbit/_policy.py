@@ -31,6 +31,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Optional
 
+from ._drivers import MIN_DRIVER, MINOR_COMPAT_FLOOR
 from ._errors import KbitConfigError, KbitManifestError
 from ._probes import Device, LibraryEntry, Manifest, Probes
 from ._versions import CudaVersion, cpu_library_name
@@ -48,27 +49,6 @@ __all__ = [
 ]
 
 BACKENDS = ("auto", "cpu", "cuda")
-
-# The oldest Linux driver branch shipped with each CUDA toolkit: what "update the driver" must reach.
-MIN_DRIVER: Mapping[CudaVersion, int] = {
-    CudaVersion(11, 8): 520,
-    CudaVersion(12, 0): 525,
-    CudaVersion(12, 1): 530,
-    CudaVersion(12, 2): 535,
-    CudaVersion(12, 3): 545,
-    CudaVersion(12, 4): 550,
-    CudaVersion(12, 5): 555,
-    CudaVersion(12, 6): 560,
-    CudaVersion(12, 8): 570,
-    CudaVersion(12, 9): 575,
-    CudaVersion(13, 0): 580,
-    CudaVersion(13, 1): 590,
-}
-
-# Minor-version compatibility: a library built with CUDA X.Y runs on an older driver of major X from
-# this branch on, if it needs no JIT (every device has a cubin). The floors are the first branch of
-# each major, but the policy checks the branch the probe read and never assumes it.
-MINOR_COMPAT_FLOOR: Mapping[int, int] = {11: 450, 12: 525, 13: 580}
 
 _ARCH_RE = re.compile(r"^(?:sm_|compute_)?(\d+)(\d)([af]?)$")
 
@@ -330,9 +310,9 @@ def select(probes: Probes, manifest: Manifest, env: Mapping[str, str]) -> Decisi
                             f"torch is a ROCm build (HIP {torch.hip}) and kbit bundles no ROCm library: "
                             "using the CPU library for CPU tensors; GPU tensors are not supported")
     if not driver.found:
-        why = driver.error or "no NVIDIA driver"
+        why = f" ({driver.error})" if driver.error else ""
         return cpu_decision("no NVIDIA driver",
-                            f"no NVIDIA driver found ({why}): using the CPU library; "
+                            f"no NVIDIA driver found{why}: using the CPU library; "
                             "install the NVIDIA driver to use a GPU")
     if not devices:
         if driver.error:
