@@ -8,6 +8,7 @@
     nox -s lint                       ruff, the CI workflow (up to date, schema, zizmor), hadolint
     nox -s gpu                        on a GPU machine: every bundled CUDA library validated, a report
     nox -s fuzz -- --seconds 600      the fuzz campaign: the Python API (atheris), the C ABI (ASan + UBSan)
+    nox -s mutate                     mutation testing of the pure decision modules (mutmut)
 
 `nox -s build` writes the fat wheel and the sdist to dist/, the slim per-CUDA wheels to dist/slim/ and
 the build report to dist/report.md + dist/report.png.
@@ -329,3 +330,16 @@ def bench(session: nox.Session) -> None:
     session.run("python", "benchmarks/bench_blockwise.py", *session.posargs)
     session.run("python", "benchmarks/bench_kernels.py", *session.posargs)
     session.run("python", "benchmarks/bench_cpu_linear.py")  # against bitsandbytes' default Linear4bit path
+
+
+MUTATE_DEPS = ["mutmut==3.8.1", "pytest>=8", "hypothesis>=6"]
+
+
+@nox.session(python=PYTHON, default=False)
+def mutate(session: nox.Session) -> None:
+    """Mutation testing of the pure decision modules (the policy, the probes' parsers, CUDA versions, the
+    manifest writer, the matrix loader) with mutmut, in build/mutate/: fails on a mutant that survives
+    and is not justified in tests/mutation/survivors.toml. Needs no build; ~10 min on 2 cores.
+    `nox -s mutate -- --jobs 4`; `-- --no-run` judges the last run again."""
+    session.install(*MUTATE_DEPS)
+    session.run("python", "tests/mutation/mutate.py", *session.posargs)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -16,9 +15,6 @@ from kbit._probes import (
     Manifest,
     Probes,
     TorchProbe,
-    driver_branch,
-    parse_manifest,
-    probe_manifest,
 )
 from kbit._versions import CudaVersion, cuda_library_name
 
@@ -442,71 +438,6 @@ def test_how_covered(archs, ptx, capability, how) -> None:
 def test_min_driver_table_rises_with_cuda() -> None:
     versions = sorted(MIN_DRIVER)
     assert [MIN_DRIVER[v] for v in versions] == sorted(MIN_DRIVER[v] for v in versions)
-
-
-MANIFEST = {
-    "schema": 1, "kbit_version": "0.1.0", "abi": 1,
-    "libraries": [
-        {"file": "libkbit_cpu.so", "backend": "cpu", "cuda": None, "archs": [], "ptx": [], "sha256": "ab",
-         "size": 123, "toolkit": None, "compiler": "gcc 12.2.0"},
-        {"file": "libkbit_cuda124.so", "backend": "cuda", "cuda": "12.4", "archs": ["70", "80", "90"],
-         "ptx": ["90"], "sha256": "cd", "size": 456,
-         "toolkit": {"source": "container:debian", "version": "12.4.131~12.4.1-2", "image": "kbit-build:cu124"},
-         "compiler": "nvcc 12.4.131", "host_compiler": "g++-13 13.3.0"},
-    ],
-}
-
-
-def test_parse_manifest() -> None:
-    m = parse_manifest(json.dumps(MANIFEST))
-    assert m.ok and m.abi == 1 and m.kbit_version == "0.1.0"
-    assert [e.file for e in m.cuda_libraries] == ["libkbit_cuda124.so"]
-    e = m.entry("libkbit_cuda124.so")
-    assert e is not None and e.cuda == CudaVersion(12, 4) and e.archs == ("70", "80", "90") and e.ptx == ("90",)
-    assert e.toolkit == "12.4.131~12.4.1-2 from container:debian" and e.size == 456
-
-
-@pytest.mark.parametrize(
-    "text,message",
-    [
-        ("{", "corrupt"),
-        ("[]", "not an object"),
-        (json.dumps({**MANIFEST, "schema": 2}), "schema 2 is not 1"),
-        (json.dumps({**MANIFEST, "libraries": [{"file": "libkbit_cuda124.so", "backend": "cuda"}]}),
-         "without a 'cuda' version"),
-        (json.dumps({**MANIFEST, "libraries": [{"file": "../evil.so", "backend": "cpu"}]}), "must be a file name"),
-    ],
-)
-def test_corrupt_manifest_is_an_error_value(text: str, message: str) -> None:
-    m = parse_manifest(text, "/pkg/manifest.json")
-    assert not m.ok and message in (m.error or "") and "reinstall kbit" in (m.error or "")
-
-
-def test_missing_manifest(tmp_path) -> None:
-    m = probe_manifest(tmp_path)
-    assert not m.ok and "is missing" in (m.error or "")
-
-
-@pytest.mark.parametrize(
-    "lib_name,proc,branch",
-    [
-        ("libcuda.so.550.54.15", None, 550),
-        ("libcuda.so.1", "NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.183.01  Sun May 12 2024\n", 535),
-        ("libcuda.so.1", None, None),  # e.g. WSL: nothing says, so unknown, never guessed
-        ("libcuda.so.1", "garbage", None),
-    ],
-)
-def test_driver_branch(tmp_path, lib_name: str, proc: Optional[str], branch: Optional[int]) -> None:
-    real = tmp_path / lib_name
-    real.write_bytes(b"")
-    link = tmp_path / "libcuda.so.1x"
-    link.symlink_to(real.name)
-    maps = tmp_path / "maps"
-    maps.write_text(f"7f00-7f01 r-xp 00000000 08:01 42    {link}\n7f02-7f03 r-xp 00000000 08:01 43    /lib/libc.so.6\n")
-    version = tmp_path / "version"
-    if proc is not None:
-        version.write_text(proc)
-    assert driver_branch(str(maps), str(version)) == branch
 
 
 GOOD_CPU_SETTINGS = [
