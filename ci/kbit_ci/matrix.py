@@ -102,6 +102,9 @@ def _arch_key(arch: str) -> tuple[int, str]:
 def _row(raw: dict, where: str) -> Row:
     try:
         cuda = CudaVersion.parse(raw["cuda"])
+        for key in ("archs", "gcc"):
+            if not isinstance(raw[key], list):
+                raise TypeError(f"{key} must be a list, got {raw[key]!r}")
         archs = tuple(str(a) for a in raw["archs"])
         ptx = str(raw["ptx"])
         gcc = tuple(int(x) for x in raw["gcc"])
@@ -153,9 +156,11 @@ def load_matrix(path: Path = MATRIX_FILE) -> tuple[Row, ...]:
     if raw.get("schema") != 1:
         raise MatrixError(f"{path}: unknown schema {raw.get('schema')!r}")
     rows = tuple(_row(r, f"{path.name} row {i}") for i, r in enumerate(raw.get("row", [])))
+    if not rows:
+        raise MatrixError(f"{path}: no [[row]]")
     versions = [r.cuda for r in rows]
     if versions != sorted(set(versions)):
-        raise MatrixError(f"{path}: rows must be unique and ascending by cuda: {versions}")
+        raise MatrixError(f"{path}: rows must be unique and ascending by cuda: {', '.join(map(str, versions))}")
     return rows
 
 
