@@ -156,7 +156,7 @@ def test_methods_check_arity_and_status() -> None:
         lib.gemv_4bit(0, 1, None, None, None, None, None, 1, 64, 64)  # no stream: ctypes would pass 10
     with pytest.raises(KbitNativeError, match="unsupported dtype"):
         lib.quantize_4bit(9, 1, None, None, None, 0, 64, None)
-    with pytest.raises(AttributeError, match="kbit.h declares no kbit_gemv_8bit"):
+    with pytest.raises(AttributeError, match=r"kbit\.h declares no kbit_gemv_8bit"):
         lib.gemv_8bit  # noqa: B018
     assert lib.abi_version() == ABI.version and isinstance(lib.last_path(), str)
 
@@ -199,5 +199,5 @@ def test_parser_refuses_what_it_cannot_read_exactly(text: str, error: str) -> No
 
 
 def test_a_missing_header_is_a_clear_error(tmp_path) -> None:
-    with pytest.raises(_abi.AbiError, match="cannot read the ABI header .*reinstall kbit"):
+    with pytest.raises(_abi.AbiError, match=r"cannot read the ABI header .*reinstall kbit"):
         _abi.load_abi(tmp_path / "kbit.h")

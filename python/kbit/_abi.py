@@ -138,7 +138,7 @@ def parse_header(text: str, source: str = "kbit.h") -> Abi:
     return Abi(int(versions[0]), functions)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load(path: Path) -> Abi:
     try:
         text = path.read_text(encoding="utf-8")
