@@ -22,6 +22,14 @@ REPO = Path(__file__).resolve().parents[1]
 SOURCE_HEADER = REPO / "csrc" / "include" / "kbit.h"
 ABI = _abi.load_abi()
 
+# KBIT_ABI_VERSION -> Abi.fingerprint() of kbit.h's table at that version. A new or changed prototype
+# changes the fingerprint: bump KBIT_ABI_VERSION (the runtime binds every function, so an older library
+# cannot serve it) and add the new line here.
+FINGERPRINTS = {
+    3: "9372e8238619b50f",
+    4: "592aaa5fa8f06b96",  # + kbit_last_path
+}
+
 # What each ctypes type must be in C: (kind, size). Kinds: 0 void, 1 signed integer, 2 floating point,
 # 3 pointer, 4 pointer to char.
 _KIND = {None: (0, 0), ctypes.c_int: (1, ctypes.sizeof(ctypes.c_int)), ctypes.c_int32: (1, 4),
@@ -98,6 +106,16 @@ def test_the_runtime_takes_version_and_signatures_from_the_header() -> None:
     assert _native.ABI_VERSION == ABI.version == _native.cpu_library().handle.kbit_abi_version()
     assert _native._SIGNATURES == ABI.signatures()
     assert {"kbit_abi_version", "kbit_build_info", "kbit_status_string", "kbit_last_path"} <= set(ABI.functions)
+
+
+def test_a_changed_table_has_a_new_abi_version() -> None:
+    latest = max(FINGERPRINTS)
+    assert ABI.version >= latest, f"KBIT_ABI_VERSION {ABI.version} is below {latest}, already used"
+    assert ABI.version in FINGERPRINTS, (
+        f"KBIT_ABI_VERSION {ABI.version} is new: add `{ABI.version}: \"{ABI.fingerprint()}\"` to FINGERPRINTS")
+    assert ABI.fingerprint() == FINGERPRINTS[ABI.version], (
+        f"kbit.h's prototypes changed but KBIT_ABI_VERSION is still {ABI.version}: bump it to {latest + 1} and "
+        f"add `{latest + 1}: \"{ABI.fingerprint()}\"` to FINGERPRINTS")
 
 
 def test_ctypes_bindings_agree_with_the_compiler(cxx, tmp_path) -> None:

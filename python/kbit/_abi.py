@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -69,6 +70,13 @@ class Function:
 class Abi:
     version: int
     functions: Mapping[str, Function]
+
+    def fingerprint(self) -> str:
+        """16 hex digits of sha256 over every function's C return and parameter types (not the names
+        of parameters): it changes exactly when the table does, so tests can demand a version bump."""
+        lines = (f"{f.restype} {f.name}({', '.join(t for t, _ in f.params)})"
+                 for f in sorted(self.functions.values(), key=lambda f: f.name))
+        return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
 
     def signatures(self) -> dict[str, tuple[Any, list[Any]]]:
         """name -> (restype, argtypes) for ctypes."""
