@@ -98,6 +98,7 @@ class NativeLibrary:
             return result.decode(errors="replace") if isinstance(result, bytes) else result
 
         call.__name__ = name
+        object.__setattr__(self, name, call)  # bound once: later calls skip __getattr__
         return call
 
 
