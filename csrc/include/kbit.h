@@ -120,12 +120,12 @@ KBIT_API const char* kbit_last_path(void);
  * absmax must have room for ceil(n / blocksize) floats, out for n bytes.
  */
 KBIT_API kbit_status kbit_quantize_blockwise_8bit(int dtype, const void* A, const float* code, uint8_t* out,
-                                          float* absmax, int64_t n, int32_t blocksize, void* stream);
+                                                  float* absmax, int64_t n, int32_t blocksize, void* stream);
 
 /* out[i] = code[codes[i]] * absmax[i / blocksize], written as dtype. */
 KBIT_API kbit_status kbit_dequantize_blockwise_8bit(int dtype, const uint8_t* codes, const float* code,
-                                            const float* absmax, void* out, int64_t n,
-                                            int32_t blocksize, void* stream);
+                                                    const float* absmax, void* out, int64_t n,
+                                                    int32_t blocksize, void* stream);
 
 /*
  * 4-bit blockwise quantization, NF4 or FP4 (bit-compatible with bitsandbytes' 4-bit layout).
@@ -143,12 +143,13 @@ KBIT_API kbit_status kbit_dequantize_blockwise_8bit(int dtype, const uint8_t* co
  * a block holding NaN; an inf makes the block's absmax inf, its own code that of NaN and every finite
  * value's that of 0). All float32, as bitsandbytes computes it. All these cases still return KBIT_OK.
  */
-KBIT_API kbit_status kbit_quantize_4bit(int dtype, int quant_type, const void* A, uint8_t* out, float* absmax, int64_t n,
-                                int32_t blocksize, void* stream);
+KBIT_API kbit_status kbit_quantize_4bit(int dtype, int quant_type, const void* A, uint8_t* out, float* absmax,
+                                        int64_t n, int32_t blocksize, void* stream);
 
 /* out[i] = codebook[code of value i] * absmax[i / blocksize] (float32 product), written as dtype. */
-KBIT_API kbit_status kbit_dequantize_4bit(int dtype, int quant_type, const uint8_t* packed, const float* absmax, void* out,
-                                  int64_t n, int32_t blocksize, void* stream);
+KBIT_API kbit_status kbit_dequantize_4bit(int dtype, int quant_type, const uint8_t* packed,
+                                          const float* absmax, void* out, int64_t n, int32_t blocksize,
+                                          void* stream);
 
 /*
  * 4-bit GEMV (one token of inference): out = W' · A (+ bias), without materializing W'.
@@ -165,9 +166,9 @@ KBIT_API kbit_status kbit_dequantize_4bit(int dtype, int quant_type, const uint8
  * k_in = 0 writes bias (or 0) to out and reads nothing else. A NaN/inf in a block of W reaches the
  * rows that block covers.
  */
-KBIT_API kbit_status kbit_gemv_4bit(int dtype, int quant_type, const void* A, const uint8_t* packed, const float* absmax,
-                            const void* bias, void* out, int64_t n_out, int64_t k_in, int32_t blocksize,
-                            void* stream);
+KBIT_API kbit_status kbit_gemv_4bit(int dtype, int quant_type, const void* A, const uint8_t* packed,
+                                    const float* absmax, const void* bias, void* out, int64_t n_out,
+                                    int64_t k_in, int32_t blocksize, void* stream);
 
 /*
  * The 4-bit matmul: out = A W'^T (+ bias) for m_rows rows of A, W as for kbit_gemv_4bit. A holds
@@ -183,9 +184,9 @@ KBIT_API kbit_status kbit_gemv_4bit(int dtype, int quant_type, const void* A, co
  * writes bias (or 0). KBIT_ERR_OUT_OF_MEMORY: the CPU's work buffers (m_rows x k_in and
  * m_rows x n_out floats) could not be allocated.
  */
-KBIT_API kbit_status kbit_matmul_4bit(int dtype, int quant_type, const void* A, const uint8_t* packed, const float* absmax,
-                              const void* bias, void* out, int64_t m_rows, int64_t n_out, int64_t k_in,
-                              int32_t blocksize, void* stream);
+KBIT_API kbit_status kbit_matmul_4bit(int dtype, int quant_type, const void* A, const uint8_t* packed,
+                                      const float* absmax, const void* bias, void* out, int64_t m_rows,
+                                      int64_t n_out, int64_t k_in, int32_t blocksize, void* stream);
 
 /* Block of the 8-bit optimizers: one absmax per KBIT_OPTIM8_BLOCKSIZE values of each state. */
 #define KBIT_OPTIM8_BLOCKSIZE 256
@@ -224,11 +225,12 @@ KBIT_API kbit_status kbit_matmul_4bit(int dtype, int quant_type, const void* A, 
  * constant of the step that overflows (lr / (1 - beta1^step), AdamW's 1 - lr * weight_decay); for
  * n > 0 a NULL pointer.
  */
-KBIT_API kbit_status kbit_adam_8bit_blockwise(int dtype, void* p, const void* g, uint8_t* state1, uint8_t* state2,
-                                      float* absmax1, float* absmax2, const float* qmap1, const float* qmap2,
-                                      float beta1, float beta2, float eps, float weight_decay, float lr,
-                                      int32_t step, float gnorm_scale, int decoupled_weight_decay, int64_t n,
-                                      void* stream);
+KBIT_API kbit_status kbit_adam_8bit_blockwise(int dtype, void* p, const void* g, uint8_t* state1,
+                                              uint8_t* state2, float* absmax1, float* absmax2,
+                                              const float* qmap1, const float* qmap2, float beta1,
+                                              float beta2, float eps, float weight_decay, float lr,
+                                              int32_t step, float gnorm_scale, int decoupled_weight_decay,
+                                              int64_t n, void* stream);
 
 #ifdef __cplusplus
 }
