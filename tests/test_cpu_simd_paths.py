@@ -100,3 +100,30 @@ def test_adam_runs_its_one_path(monkeypatch, dtype: torch.dtype) -> None:
 
     first, *others = every_path(monkeypatch, step, "adam_8bit_blockwise")
     assert all(same(a, b) for o in others for a, b in zip(first, o))
+
+
+def test_the_path_is_the_calling_threads(monkeypatch) -> None:
+    """kbit_last_path() is per thread: another thread's call does not change this thread's record, and
+    a call that returns before running a kernel (n = 0, a bad argument) leaves it as it was."""
+    import threading
+
+    monkeypatch.delenv("KBIT_CPU_SIMD", raising=False)
+    lib = _native.cpu_library()
+    A = torch.randn(4096)
+    F.dequantize_blockwise(*F.quantize_blockwise(A))
+    mine = lib.last_path()
+    assert mine == expected_path(CPU, "dequantize_blockwise_8bit")
+    theirs = []
+
+    def other() -> None:
+        theirs.append(lib.last_path())
+        F.quantize_4bit(A)
+        theirs.append(lib.last_path())
+
+    t = threading.Thread(target=other)
+    t.start()
+    t.join()
+    assert theirs == ["", expected_path(CPU, "quantize_4bit")]
+    lib.quantize_4bit(0, 1, None, None, None, 0, 64, None)  # n = 0: nothing to do
+    assert lib.handle.kbit_quantize_4bit(9, 1, None, None, None, 8, 64, None) == 2  # a bad dtype
+    assert lib.last_path() == mine
