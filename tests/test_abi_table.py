@@ -11,6 +11,7 @@ import ctypes
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -150,6 +151,25 @@ def test_every_library_exports_exactly_the_table() -> None:
         assert exported == set(ABI.functions), (
             f"{path.name}: not in kbit.h: {sorted(exported - set(ABI.functions))}; "
             f"declared but not exported: {sorted(set(ABI.functions) - exported)}")
+
+
+_LAST_PATH = """
+import ctypes, sys
+lib = ctypes.CDLL(sys.argv[1], mode=ctypes.RTLD_LOCAL)
+lib.kbit_last_path.restype = ctypes.c_char_p
+print(repr(lib.kbit_last_path()))
+"""
+
+
+def test_cuda_libraries_record_no_path(cxx) -> None:
+    """kbit.h: a CUDA library's kbit_last_path() is always "". The CUDA sources as the emulation builds
+    them (always) and every bundled CUDA library, each in its own process (no GPU, no driver needed)."""
+    from cuda_emu import build as emu_build
+
+    paths = [emu_build.build(sanitize=False), *(p for p in libraries() if p.name != "libkbit_cpu.so")]
+    for path in paths:
+        out = subprocess.run([sys.executable, "-c", _LAST_PATH, str(path)], capture_output=True, text=True)
+        assert out.returncode == 0 and out.stdout.strip() == "b''", (path.name, out.stdout, out.stderr[-2000:])
 
 
 def _library_calls(path: Path) -> set[str]:
