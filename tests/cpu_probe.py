@@ -1,6 +1,8 @@
-"""Calls libkbit_cpu.so's entry points through ctypes on deterministic inputs and prints the sha256 of
-every output, as JSON. Standard library only (no torch, no numpy), so that tests/test_cpu_models.py
-can run it as another CPU under qemu-x86_64 -cpu MODEL and compare the bytes with a native run.
+"""Calls libkbit_cpu.so's entry points through ctypes on deterministic inputs and prints, as JSON, the
+sha256 of every output ("digests") and the kernel each call ran, as kbit_last_path() says, with the
+call's shape ("paths"). Standard library and kbit's own stdlib-only ABI table (kbit._abi, the
+signatures of kbit.h) only, no torch, no numpy, so that tests/test_cpu_models.py can run it as another
+CPU under qemu-x86_64 -cpu MODEL and compare the bytes and paths with a native run.
 
     python tests/cpu_probe.py LIB CODEBOOKS   (CODEBOOKS: the signed and unsigned dynamic 8-bit maps,
                                                256 float32 each, written by the test)
@@ -15,6 +17,8 @@ import random
 import struct
 import sys
 from array import array
+
+from kbit._abi import load_abi
 
 F32, F16, BF16 = 0, 1, 2
 FP4, NF4 = 0, 1
@@ -55,6 +59,10 @@ def buffer(data: bytes | int) -> ctypes.Array:
 _NAN = {"f32": ("I", 0x7FFFFFFF, 0x7F800000, 0x7FC00000), "f16": ("H", 0x7FFF, 0x7C00, 0x7E00),
         "bf16": ("H", 0x7FFF, 0x7F80, 0x7FC0)}
 KIND = {F32: "f32", F16: "f16", BF16: "bf16"}
+# check()'s label of a call -> the entry point it called (without kbit_)
+CALLED = {"q8": "quantize_blockwise_8bit", "d8": "dequantize_blockwise_8bit", "q4": "quantize_4bit",
+          "q4 W": "quantize_4bit", "d4": "dequantize_4bit", "gemv": "gemv_4bit", "matmul": "matmul_4bit",
+          "adam": "adam_8bit_blockwise"}
 
 
 def digest(*bufs: tuple[ctypes.Array, str]) -> str:
@@ -72,25 +80,17 @@ def digest(*bufs: tuple[ctypes.Array, str]) -> str:
     return h.hexdigest()
 
 
-def main(lib_path: str, codebooks_path: str) -> dict[str, str]:
+def main(lib_path: str, codebooks_path: str) -> dict[str, object]:
     lib = ctypes.CDLL(lib_path)
-    vp, i32, i64, f32 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_float
-    for name, argtypes in {
-        "kbit_quantize_blockwise_8bit": [ctypes.c_int, vp, vp, vp, vp, i64, i32, vp],
-        "kbit_dequantize_blockwise_8bit": [ctypes.c_int, vp, vp, vp, vp, i64, i32, vp],
-        "kbit_quantize_4bit": [ctypes.c_int, ctypes.c_int, vp, vp, vp, i64, i32, vp],
-        "kbit_dequantize_4bit": [ctypes.c_int, ctypes.c_int, vp, vp, vp, i64, i32, vp],
-        "kbit_gemv_4bit": [ctypes.c_int, ctypes.c_int, vp, vp, vp, vp, vp, i64, i64, i32, vp],
-        "kbit_matmul_4bit": [ctypes.c_int, ctypes.c_int, vp, vp, vp, vp, vp, i64, i64, i64, i32, vp],
-        "kbit_adam_8bit_blockwise": [ctypes.c_int, vp, vp, vp, vp, vp, vp, vp, vp, f32, f32, f32, f32, f32, i32,
-                                     f32, ctypes.c_int, i64, vp],
-    }.items():
+    for name, (restype, argtypes) in load_abi().signatures().items():
         fn = getattr(lib, name)
-        fn.restype, fn.argtypes = ctypes.c_int, argtypes
+        fn.restype, fn.argtypes = restype, argtypes
+    paths: list[dict[str, object]] = []
 
-    def check(status: int, what: str) -> None:
+    def check(status: int, what: str, **shape: object) -> None:
         if status != 0:
             raise SystemExit(f"{what}: status {status}")
+        paths.append({"call": CALLED[what], "ran": lib.kbit_last_path().decode(), "shape": shape})
 
     with open(codebooks_path, "rb") as f:
         books = f.read()
@@ -101,7 +101,7 @@ def main(lib_path: str, codebooks_path: str) -> dict[str, str]:
         A = buffer(as_dtype(values, dtype))
         for bs in (64, 4096):
             codes, absmax = buffer(N), buffer(4 * (N // bs))
-            check(lib.kbit_quantize_blockwise_8bit(dtype, A, code_signed, codes, absmax, N, bs, None), "q8")
+            check(lib.kbit_quantize_blockwise_8bit(dtype, A, code_signed, codes, absmax, N, bs, None), "q8", n=N)
             back = buffer(len(bytes(A)))
             check(lib.kbit_dequantize_blockwise_8bit(dtype, codes, code_signed, absmax, back, N, bs, None), "d8")
             out[f"blockwise8/{dtype}/{bs}"] = digest((codes, "u8"), (absmax, "f32"), (back, KIND[dtype]))
@@ -131,7 +131,8 @@ def main(lib_path: str, codebooks_path: str) -> dict[str, str]:
             x = buffer(as_dtype(floats(m * k_in, seed=7), dtype))
             bias = buffer(as_dtype(floats(n_out, seed=8), dtype))
             y = buffer(len(bytes(bias)) * m)
-            check(lib.kbit_matmul_4bit(dtype, NF4, x, packed, absmax, bias, y, m, n_out, k_in, 64, None), "matmul")
+            check(lib.kbit_matmul_4bit(dtype, NF4, x, packed, absmax, bias, y, m, n_out, k_in, 64, None), "matmul",
+                  bf16=dtype == BF16, m_rows=m, k_in=k_in, blocksize=64)
             out[f"matmul/{dtype}/{m}x{n_out}x{k_in}"] = digest((y, KIND[dtype]))
         # Two Adam steps (the second from the first's states), and AdamW
         n = 5000
@@ -143,7 +144,7 @@ def main(lib_path: str, codebooks_path: str) -> dict[str, str]:
                 check(lib.kbit_adam_8bit_blockwise(dtype, p, g, s1, s2, a1, a2, code_signed, code_unsigned, 0.9,
                                                    0.995, 1e-8, 0.01, 1e-3, step, 1.0, decoupled, n, None), "adam")
             out[f"adam/{dtype}/{decoupled}"] = digest((p, KIND[dtype]), (s1, "u8"), (s2, "u8"), (a1, "f32"), (a2, "f32"))
-    return out
+    return {"digests": out, "paths": paths}
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 #!/bin/sh
-# Lay out a development copy of the package in python/kbit/ (both outputs are gitignored): build
-# libkbit_cpu.so, copy it next to the Python sources and write its manifest.json with the build's
-# own manifest writer. Then run the tests from the source tree with:
+# Lay out a development copy of the package in python/kbit/ (the outputs are gitignored): build
+# libkbit_cpu.so, copy it and kbit.h next to the Python sources and write its manifest.json with the
+# build's own manifest writer. Then run the tests from the source tree with:
 #     sh tests/dev_layout.sh && PYTHONPATH=python python -m pytest tests
 # (Against an installed wheel, skip this and leave PYTHONPATH unset.)
 set -eu
@@ -13,4 +13,5 @@ cmake --build "$build" -j2
 lib=$(find "$build" -name libkbit_cpu.so -print -quit)
 [ -n "$lib" ] || { echo "dev_layout: no libkbit_cpu.so under $build" >&2; exit 1; }
 cp "$lib" "$repo/python/kbit/libkbit_cpu.so"
+cp "$repo/csrc/include/kbit.h" "$repo/python/kbit/kbit.h"  # the runtime's ABI table, as the wheel installs it
 "$python" "$repo/ci/write_manifest.py" "$repo/python/kbit" 0.1.0

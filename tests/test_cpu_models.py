@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cpu_paths import Cpu, expected_path, host_cpu
 from kbit import functional as F
 
 QEMU = shutil.which("qemu-x86_64")
@@ -28,6 +29,13 @@ pytestmark = [
 PROBE = Path(__file__).resolve().parent / "cpu_probe.py"
 # model: (AVX2, FMA, AVX-512F) as its CPUID says
 MODELS = {"Nehalem": (0, 0, 0), "Haswell": (1, 1, 0)}
+
+
+def model_cpu(model: str) -> Cpu:
+    """The model's /proc/cpuinfo flags as far as kbit's dispatch reads them (tests/cpu_paths.py)."""
+    avx2, fma, avx512 = MODELS[model]
+    names = (("avx", "avx2") if avx2 else ()) + (("fma",) if fma else ()) + (("avx512f",) if avx512 else ())
+    return Cpu(frozenset(names))
 
 # What the library's dispatch reads (csrc/cpu/cpu_features.h): CPUID leaf 1 (AVX, FMA, OSXSAVE),
 # XGETBV (YMM state), leaf 7 (AVX2, AVX-512F).
@@ -95,10 +103,19 @@ def test_qemu_enforces_the_model(tools, model: str) -> None:
         assert avx2.returncode in (-signal.SIGILL, 128 + signal.SIGILL), (avx2.returncode, avx2.stderr)
 
 
-def _probe(tools, prefix: list = (), env: dict | None = None) -> dict[str, str]:
+def _probe(tools, prefix: list = (), env: dict | None = None, cpu: Cpu | None = None) -> dict[str, str]:
+    """The probe's digests, after checking that every call ran the kernel `cpu` (default: this
+    machine's) and KBIT_CPU_SIMD call for."""
     r = _run([*prefix, sys.executable, PROBE, _cpu_library(), tools["codebooks"]], env=env)
-    assert r.returncode == 0, f"{' '.join(map(str, prefix)) or 'natively'}: exit {r.returncode}\n{r.stderr[-3000:]}"
-    return json.loads(r.stdout)
+    where = " ".join(map(str, prefix)) or "natively"
+    assert r.returncode == 0, f"{where}: exit {r.returncode}\n{r.stderr[-3000:]}"
+    result = json.loads(r.stdout)
+    simd = (env or {}).get("KBIT_CPU_SIMD")
+    cpu = cpu or host_cpu()
+    wrong = [(p["ran"], expected_path(cpu, p["call"], simd, **p["shape"])) for p in result["paths"]]
+    wrong = sorted({(ran, want) for ran, want in wrong if ran != want})
+    assert result["paths"] and not wrong, f"{where}, KBIT_CPU_SIMD={simd}: (ran, expected) {wrong}"
+    return result["digests"]
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +149,7 @@ def test_other_cpu_gives_the_same_bytes(tools, native, model: str) -> None:
     """As a CPU without AVX (Nehalem) the library runs its portable loops, as an AVX2 CPU (Haswell) its
     AVX2 kernels: the same bytes as this machine's run of the same path (KBIT_CPU_SIMD=avx2 here, so
     an AVX-512 host compares like with like)."""
-    theirs = _probe(tools, prefix=[QEMU, "-cpu", model])
+    theirs = _probe(tools, prefix=[QEMU, "-cpu", model], cpu=model_cpu(model))
     same_path = native["avx2" if MODELS[model][0] else "portable"]
     differ = _differ(same_path, theirs)
     assert not differ, f"as a {model}, these outputs differ from this machine's: {differ}"

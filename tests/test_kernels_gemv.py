@@ -10,6 +10,7 @@ import dataclasses
 
 import pytest
 import torch
+from cpu_paths import expected_path, host_cpu
 from kbit import KbitNativeError, _native
 from kbit import functional as F
 from machine import require_memory
@@ -99,6 +100,7 @@ def test_gemv_equals_dequantize_then_matmul(lib, cpu_path, shape, dtype, quant_t
     A = torch.randn(k_in, generator=gen).to(dtype)
     bias = torch.randn(n_out, generator=gen).to(dtype) if use_bias else None
     out = gemv(lib, A, packed, absmax, bias, n_out, k_in, blocksize, quant_type)
+    assert lib.last_path() == expected_path(host_cpu(), "gemv_4bit", "0" if cpu_path == "baseline" else None)
     check_close(out, A.float(), W32, None if bias is None else bias.float())
 
 

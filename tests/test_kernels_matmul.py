@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from cpu_paths import expected_path, host_cpu
 from kbit import KbitNativeError, _native
 from kbit import functional as F
 from reference import assert_linear_close, dequantize_4bit_state, linear_tolerance
@@ -17,6 +18,8 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 KBIT_DTYPE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 KBIT_QUANT = {"fp4": 0, "nf4": 1}
 OK, INVALID, UNSUPPORTED_DTYPE, UNSUPPORTED_BLOCKSIZE, TOO_LARGE = 0, 1, 2, 3, 4
+SIMD = {"default": None, "avx2": "avx2", "portable": "0"}
+CPU = host_cpu()
 
 # (m_rows, n_out, k_in, blocksize): one row; the direct kernel's 2-4 rows with n_out odd (a single last
 # column); k_in = 32 mod 64 (bfloat16's 64-value groups); blocks straddling rows; odd k_in (rows start at
@@ -42,13 +45,20 @@ SHAPES = [
 @pytest.fixture(params=["default", "avx2", "portable"])
 def cpu_path(request, monkeypatch) -> str:
     """Every CPU kernel path this CPU has (KBIT_CPU_SIMD is read on every call; where the CPU lacks a
-    level, the cap falls back to the next one down, which is then tested twice)."""
-    value = {"default": None, "avx2": "avx2", "portable": "0"}[request.param]
+    level, the cap falls back to the next one down, which is then tested twice; ran_path checks which)."""
+    value = SIMD[request.param]
     if value is None:
         monkeypatch.delenv("KBIT_CPU_SIMD", raising=False)
     else:
         monkeypatch.setenv("KBIT_CPU_SIMD", value)
     return request.param
+
+
+def ran_path(cpu_path: str, A: torch.Tensor, k_in: int, blocksize: int) -> None:
+    """The last matmul ran the kernel this CPU's flags and KBIT_CPU_SIMD call for (tests/cpu_paths.py)."""
+    want = expected_path(CPU, "matmul_4bit", SIMD[cpu_path], bf16=A.dtype == torch.bfloat16,
+                         m_rows=A.numel() // max(k_in, 1), k_in=k_in, blocksize=blocksize)
+    assert _native.cpu_library().last_path() == want
 
 
 def weight(n_out: int, k_in: int, blocksize: int, quant_type: str, seed: int = 0):
@@ -69,6 +79,7 @@ def test_matmul_matches_the_definition(cpu_path, shape, dtype, quant_type, use_b
     A = torch.randn(m, k_in, generator=gen).to(dtype)
     bias = torch.randn(n_out, generator=gen).to(dtype) if use_bias else None
     out = F.matmul_4bit(A, packed, state, bias)
+    ran_path(cpu_path, A, k_in, bs)
     assert out.shape == (m, n_out) and out.dtype == dtype
     assert_linear_close(out, A, W, bias, dtype)
 
@@ -82,6 +93,7 @@ def test_matmul_is_tight_for_a_real_layer(cpu_path, dtype, m) -> None:
     packed, state, W = weight(1024, 1024, 64, "nf4", seed=m)
     A = torch.randn(m, 1024, generator=torch.Generator().manual_seed(5)).to(dtype)
     out = F.matmul_4bit(A, packed, state).double()
+    ran_path(cpu_path, A, 1024, 64)
     ref, _ = linear_tolerance(A, W, None, torch.float32)
     scale = float((A.double().abs() @ W.double().abs().T).max())
     bf16_w = 2.0**-9 if dtype == torch.bfloat16 else 0.0  # W' rounded to bfloat16: a random-sign error

@@ -29,7 +29,7 @@ def package(tmp_path: Path) -> Path:
     pkg = tmp_path / "kbit"
     pkg.mkdir()
     for f in source.iterdir():
-        if f.suffix in (".py", ".typed") or f.name == "libkbit_cpu.so":
+        if f.suffix in (".py", ".typed") or f.name in ("libkbit_cpu.so", "kbit.h"):
             shutil.copy2(f, pkg / f.name)
     cuda = sorted(source.glob("libkbit_cuda*.so")) or sorted((REPO / "build" / "stage").glob("libkbit_cuda*.so"))
     for lib in cuda:

@@ -29,6 +29,7 @@
 #include "kbit_math.h"
 #include "kbit_optim_math.h"
 #include "cpu_dtype.h"
+#include "cpu_features.h"
 #include "parallel.h"
 
 namespace kbit {
@@ -262,6 +263,7 @@ extern "C" KBIT_API int kbit_adam_8bit_blockwise(int dtype, void* p, const void*
   }
   int64_t blocks = (n + kBlock - 1) / kBlock;
   int64_t grain = kAdamValuesPerTask / kBlock;
+  cpu::record_path("kbit_adam_8bit_blockwise:portable");
   switch (dtype) {
     case KBIT_DTYPE_F32: parallel_for(blocks, grain, adam_blocks<cpu::F32>, job); break;
     case KBIT_DTYPE_F16: parallel_for(blocks, grain, adam_blocks<cpu::F16>, job); break;

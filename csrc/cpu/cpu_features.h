@@ -17,6 +17,11 @@
 namespace kbit {
 namespace cpu {
 
+/* The kernel the calling thread's last call ran, for kbit_last_path(): each entry point records a
+ * static "<function>:<path>" where it dispatches, on the calling thread (not on the workers). */
+inline thread_local const char* tls_last_path = "";
+inline void record_path(const char* path) { tls_last_path = path; }
+
 /* SIMD levels, in order. */
 enum SimdLevel : unsigned { kSimdNone = 0, kSimdAvx2 = 1, kSimdAvx512 = 2 };
 

@@ -238,9 +238,14 @@ extern "C" KBIT_API int kbit_gemv_4bit(int dtype, int quant_type, const void* A,
   range_fn fn = job->A_is_f32 ? gemv_rows<cpu::F32>
                 : dtype == KBIT_DTYPE_F16 ? gemv_rows<cpu::F16>
                                           : gemv_rows<cpu::BF16>;
+  const char* path = "kbit_gemv_4bit:portable";
 #if defined(KBIT_GEMV_AVX2)
-  if (job->A_is_f32 && use_avx2()) fn = gemv_rows_avx2;
+  if (job->A_is_f32 && use_avx2()) {
+    fn = gemv_rows_avx2;
+    path = "kbit_gemv_4bit:avx2";
+  }
 #endif
+  cpu::record_path(path);
   int64_t per_row = k_in > 0 ? k_in : 1;
   int64_t grain = kGemvValuesPerTask / per_row > 0 ? kGemvValuesPerTask / per_row : 1;
   parallel_for(n_out, grain, fn, job);

@@ -662,6 +662,8 @@ extern "C" {
 
 KBIT_API int kbit_abi_version(void) { return KBIT_ABI_VERSION; }
 
+KBIT_API const char* kbit_last_path(void) { return cpu::tls_last_path; }
+
 KBIT_API const char* kbit_status_string(int status) {
   const char* s = kbit_own_status_string(status);
   if (s != NULL) return s;
@@ -678,10 +680,14 @@ KBIT_API int kbit_quantize_blockwise_8bit(int dtype, const void* A, const float*
   QuantizeJob job = {A, code, grid != NULL ? grid->table : NULL, out, absmax, n, blocksize};
   int64_t blocks = (n + blocksize - 1) / blocksize;
   range_fn fn = by_dtype(dtype, quantize_range<LoadF32>, quantize_range<LoadF16>, quantize_range<LoadBF16>);
+  const char* path = "kbit_quantize_blockwise_8bit:portable";
 #if defined(KBIT_X86_AVX2)
-  if (job.table != NULL && use_avx2())
+  if (job.table != NULL && use_avx2()) {
     fn = by_dtype(dtype, quantize_range_avx2<LoadF32>, quantize_range_avx2<LoadF16>, quantize_range_avx2<LoadBF16>);
+    path = "kbit_quantize_blockwise_8bit:avx2";
+  }
 #endif
+  cpu::record_path(path);
   parallel_for(blocks, grain_for(blocksize), fn, &job);
   if (grid != NULL) release_grid_table(grid);
   return KBIT_OK;
@@ -697,11 +703,15 @@ KBIT_API int kbit_dequantize_blockwise_8bit(int dtype, const uint8_t* codes, con
   /* No AVX2 variant: a gather of 8 codebook entries was slower here than 8 scalar loads. With
    * AVX-512 the whole codebook fits in 16 registers (lookup256). */
   range_fn fn = by_dtype(dtype, dequantize_range<StoreF32>, dequantize_range<StoreF16>, dequantize_range<StoreBF16>);
+  const char* path = "kbit_dequantize_blockwise_8bit:portable";
 #if defined(KBIT_X86_AVX2)
-  if (cpu::simd_level() >= cpu::kSimdAvx512)
+  if (cpu::simd_level() >= cpu::kSimdAvx512) {
     fn = by_dtype(dtype, dequantize_range_avx512<StoreF32>, dequantize_range_avx512<StoreF16>,
                   dequantize_range_avx512<StoreBF16>);
+    path = "kbit_dequantize_blockwise_8bit:avx512";
+  }
 #endif
+  cpu::record_path(path);
   parallel_for(blocks, grain_for(blocksize), fn, &job);
   return KBIT_OK;
 }
@@ -726,8 +736,10 @@ KBIT_API int kbit_quantize_4bit(int dtype, int quant_type, const void* A, uint8_
     fn = by_dtype(dtype, quantize4_range<LoadF32, KBIT_QUANT_FP4>, quantize4_range<LoadF16, KBIT_QUANT_FP4>,
                   quantize4_range<LoadBF16, KBIT_QUANT_FP4>);
   }
+  const char* path = "kbit_quantize_4bit:portable";
 #if defined(KBIT_X86_AVX2)
   if (use_avx2()) {
+    path = "kbit_quantize_4bit:avx2";
     if (quant_type == KBIT_QUANT_NF4) {
       fn = by_dtype(dtype, quantize4_range_avx2<LoadF32, KBIT_QUANT_NF4>,
                     quantize4_range_avx2<LoadF16, KBIT_QUANT_NF4>, quantize4_range_avx2<LoadBF16, KBIT_QUANT_NF4>);
@@ -737,6 +749,7 @@ KBIT_API int kbit_quantize_4bit(int dtype, int quant_type, const void* A, uint8_
     }
   }
 #endif
+  cpu::record_path(path);
   parallel_for(blocks, grain_for(blocksize), fn, &job);
   return KBIT_OK;
 }
@@ -757,11 +770,15 @@ KBIT_API int kbit_dequantize_4bit(int dtype, int quant_type, const uint8_t* pack
   int64_t blocks = (n + blocksize - 1) / blocksize;
   range_fn fn =
       by_dtype(dtype, dequantize4_range<StoreF32>, dequantize4_range<StoreF16>, dequantize4_range<StoreBF16>);
+  const char* path = "kbit_dequantize_4bit:portable";
 #if defined(KBIT_X86_AVX2)
-  if (use_avx2())
+  if (use_avx2()) {
     fn = by_dtype(dtype, dequantize4_range_avx2<StoreF32>, dequantize4_range_avx2<StoreF16>,
                   dequantize4_range_avx2<StoreBF16>);
+    path = "kbit_dequantize_4bit:avx2";
+  }
 #endif
+  cpu::record_path(path);
   parallel_for(blocks, grain_for(blocksize), fn, &job);
   return KBIT_OK;
 }

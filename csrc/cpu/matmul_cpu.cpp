@@ -554,6 +554,16 @@ int choose_path(int dtype) {
   return kPortable;
 }
 
+/* kbit_last_path()'s name of a kernel (kbit.h). */
+const char* path_name(int path, bool direct) {
+  switch (path) {
+    case kAvx512Bf16: return direct ? "kbit_matmul_4bit:avx512bf16-direct" : "kbit_matmul_4bit:avx512bf16";
+    case kAvx512: return direct ? "kbit_matmul_4bit:avx512-direct" : "kbit_matmul_4bit:avx512";
+    case kAvx2: return "kbit_matmul_4bit:avx2";
+    default: return "kbit_matmul_4bit:portable";
+  }
+}
+
 }  // namespace
 }  // namespace kbit
 
@@ -587,6 +597,7 @@ extern "C" KBIT_API int kbit_matmul_4bit(int dtype, int quant_type, const void* 
     job.direct_chunk = chunk < 1024 ? 1024 : chunk;
   }
   for (int c = 0; c < KBIT_CODEBOOK4_SIZE; ++c) job.codebook[c] = kbit_code4_value(quant_type, c);
+  cpu::record_path(path_name(job.path, job.direct));
   job.Apad = NULL;
   job.C = NULL;
   void* apad = NULL;

@@ -191,6 +191,9 @@ extern "C" {
 
 KBIT_API int kbit_abi_version(void) { return KBIT_ABI_VERSION; }
 
+/* The CUDA library records no kernel path (kbit.h). */
+KBIT_API const char* kbit_last_path(void) { return ""; }
+
 KBIT_API const char* kbit_status_string(int status) {
   const char* s = kbit_own_status_string(status);
   if (s != NULL) return s;

@@ -6,12 +6,16 @@
  * works on device pointers and launches on the stream the caller passes (a cudaStream_t as void*;
  * NULL is the legacy default stream). The CPU library accepts and ignores the stream argument.
  *
- * Every function that can fail returns an int status: 0 (KBIT_OK) on success, otherwise a code that
- * kbit_status_string() turns into a message. CUDA runtime errors are returned as
+ * Every function that can fail returns a kbit_status (an int): 0 (KBIT_OK) on success, otherwise a
+ * code that kbit_status_string() turns into a message. CUDA runtime errors are returned as
  * KBIT_STATUS_CUDA_BASE + cudaError_t, so the message names the CUDA error.
  *
- * Bump KBIT_ABI_VERSION on any incompatible change: the Python runtime refuses a library whose
- * kbit_abi_version() differs from the one it was written for.
+ * This header is the one table of the ABI: the Python runtime ships a copy of it in the package and
+ * derives its ctypes bindings (kbit/_abi.py) and the ABI version it needs from the KBIT_API prototypes
+ * and KBIT_ABI_VERSION below. So a prototype is one line-initial `KBIT_API <type> kbit_<name>(<type>
+ * <name>, ...);` using the types _abi.py knows (kbit_status, int, int32_t, int64_t, float, pointers);
+ * docs/kernels.md says how to add one. Bump KBIT_ABI_VERSION on any incompatible change: the runtime
+ * refuses a library whose kbit_abi_version() differs from this header's.
  */
 #ifndef KBIT_H_
 #define KBIT_H_
@@ -29,7 +33,10 @@
 extern "C" {
 #endif
 
-#define KBIT_ABI_VERSION 3
+#define KBIT_ABI_VERSION 4
+
+/* The status of a call: KBIT_OK or one of the codes below. */
+typedef int kbit_status;
 
 /* Status codes. */
 #define KBIT_OK 0
@@ -76,6 +83,23 @@ KBIT_API const char* kbit_build_info(void);
 KBIT_API const char* kbit_status_string(int status);
 
 /*
+ * Which kernel the calling thread's last call into this library ran: a static string
+ * "<function>:<path>", e.g. "kbit_gemv_4bit:avx2"; "" before the thread's first such call. A call that
+ * returns before running a kernel (a bad argument, nothing to do) leaves it as it was. The CPU
+ * library's paths (KBIT_CPU_SIMD=0 forces "portable", =avx2 caps at "avx2"):
+ *   kbit_quantize_blockwise_8bit  "avx2" (AVX2, n >= 16384), else "portable"
+ *   kbit_dequantize_blockwise_8bit "avx512" (AVX-512 F/BW/VL with AVX2 + FMA), else "portable"
+ *   kbit_quantize_4bit, kbit_dequantize_4bit  "avx2" (AVX2), else "portable"
+ *   kbit_gemv_4bit                "avx2" (AVX2 + FMA), else "portable"
+ *   kbit_matmul_4bit              "avx512bf16" (bfloat16 and AVX-512-BF16), "avx512", "avx2" (AVX2 + FMA)
+ *                                 or "portable", with "-direct" for the AVX-512 kernels of up to 4 rows
+ *                                 (blocks not straddling rows; avx512bf16 also needs k_in % 64 == 0)
+ *   kbit_adam_8bit_blockwise      "portable"
+ * The CUDA libraries record no path: always "".
+ */
+KBIT_API const char* kbit_last_path(void);
+
+/*
  * 8-bit blockwise dynamic quantization (bitsandbytes' blockwise layout).
  *
  * A holds n values of dtype. For block b (values [b*blocksize, min((b+1)*blocksize, n))):
@@ -95,13 +119,13 @@ KBIT_API const char* kbit_status_string(int status);
  * 4e-41, 0: kbit 255, 215, 131; bitsandbytes 255, 255, 0).
  * absmax must have room for ceil(n / blocksize) floats, out for n bytes.
  */
-KBIT_API int kbit_quantize_blockwise_8bit(int dtype, const void* A, const float* code, uint8_t* out,
-                                          float* absmax, int64_t n, int32_t blocksize, void* stream);
+KBIT_API kbit_status kbit_quantize_blockwise_8bit(int dtype, const void* A, const float* code, uint8_t* out,
+                                                  float* absmax, int64_t n, int32_t blocksize, void* stream);
 
 /* out[i] = code[codes[i]] * absmax[i / blocksize], written as dtype. */
-KBIT_API int kbit_dequantize_blockwise_8bit(int dtype, const uint8_t* codes, const float* code,
-                                            const float* absmax, void* out, int64_t n,
-                                            int32_t blocksize, void* stream);
+KBIT_API kbit_status kbit_dequantize_blockwise_8bit(int dtype, const uint8_t* codes, const float* code,
+                                                    const float* absmax, void* out, int64_t n,
+                                                    int32_t blocksize, void* stream);
 
 /*
  * 4-bit blockwise quantization, NF4 or FP4 (bit-compatible with bitsandbytes' 4-bit layout).
@@ -119,12 +143,13 @@ KBIT_API int kbit_dequantize_blockwise_8bit(int dtype, const uint8_t* codes, con
  * a block holding NaN; an inf makes the block's absmax inf, its own code that of NaN and every finite
  * value's that of 0). All float32, as bitsandbytes computes it. All these cases still return KBIT_OK.
  */
-KBIT_API int kbit_quantize_4bit(int dtype, int quant_type, const void* A, uint8_t* out, float* absmax, int64_t n,
-                                int32_t blocksize, void* stream);
+KBIT_API kbit_status kbit_quantize_4bit(int dtype, int quant_type, const void* A, uint8_t* out, float* absmax,
+                                        int64_t n, int32_t blocksize, void* stream);
 
 /* out[i] = codebook[code of value i] * absmax[i / blocksize] (float32 product), written as dtype. */
-KBIT_API int kbit_dequantize_4bit(int dtype, int quant_type, const uint8_t* packed, const float* absmax, void* out,
-                                  int64_t n, int32_t blocksize, void* stream);
+KBIT_API kbit_status kbit_dequantize_4bit(int dtype, int quant_type, const uint8_t* packed,
+                                          const float* absmax, void* out, int64_t n, int32_t blocksize,
+                                          void* stream);
 
 /*
  * 4-bit GEMV (one token of inference): out = W' · A (+ bias), without materializing W'.
@@ -141,9 +166,9 @@ KBIT_API int kbit_dequantize_4bit(int dtype, int quant_type, const uint8_t* pack
  * k_in = 0 writes bias (or 0) to out and reads nothing else. A NaN/inf in a block of W reaches the
  * rows that block covers.
  */
-KBIT_API int kbit_gemv_4bit(int dtype, int quant_type, const void* A, const uint8_t* packed, const float* absmax,
-                            const void* bias, void* out, int64_t n_out, int64_t k_in, int32_t blocksize,
-                            void* stream);
+KBIT_API kbit_status kbit_gemv_4bit(int dtype, int quant_type, const void* A, const uint8_t* packed,
+                                    const float* absmax, const void* bias, void* out, int64_t n_out,
+                                    int64_t k_in, int32_t blocksize, void* stream);
 
 /*
  * The 4-bit matmul: out = A W'^T (+ bias) for m_rows rows of A, W as for kbit_gemv_4bit. A holds
@@ -159,9 +184,9 @@ KBIT_API int kbit_gemv_4bit(int dtype, int quant_type, const void* A, const uint
  * writes bias (or 0). KBIT_ERR_OUT_OF_MEMORY: the CPU's work buffers (m_rows x k_in and
  * m_rows x n_out floats) could not be allocated.
  */
-KBIT_API int kbit_matmul_4bit(int dtype, int quant_type, const void* A, const uint8_t* packed, const float* absmax,
-                              const void* bias, void* out, int64_t m_rows, int64_t n_out, int64_t k_in,
-                              int32_t blocksize, void* stream);
+KBIT_API kbit_status kbit_matmul_4bit(int dtype, int quant_type, const void* A, const uint8_t* packed,
+                                      const float* absmax, const void* bias, void* out, int64_t m_rows,
+                                      int64_t n_out, int64_t k_in, int32_t blocksize, void* stream);
 
 /* Block of the 8-bit optimizers: one absmax per KBIT_OPTIM8_BLOCKSIZE values of each state. */
 #define KBIT_OPTIM8_BLOCKSIZE 256
@@ -200,11 +225,12 @@ KBIT_API int kbit_matmul_4bit(int dtype, int quant_type, const void* A, const ui
  * constant of the step that overflows (lr / (1 - beta1^step), AdamW's 1 - lr * weight_decay); for
  * n > 0 a NULL pointer.
  */
-KBIT_API int kbit_adam_8bit_blockwise(int dtype, void* p, const void* g, uint8_t* state1, uint8_t* state2,
-                                      float* absmax1, float* absmax2, const float* qmap1, const float* qmap2,
-                                      float beta1, float beta2, float eps, float weight_decay, float lr,
-                                      int32_t step, float gnorm_scale, int decoupled_weight_decay, int64_t n,
-                                      void* stream);
+KBIT_API kbit_status kbit_adam_8bit_blockwise(int dtype, void* p, const void* g, uint8_t* state1,
+                                              uint8_t* state2, float* absmax1, float* absmax2,
+                                              const float* qmap1, const float* qmap2, float beta1,
+                                              float beta2, float eps, float weight_decay, float lr,
+                                              int32_t step, float gnorm_scale, int decoupled_weight_decay,
+                                              int64_t n, void* stream);
 
 #ifdef __cplusplus
 }

@@ -6,7 +6,8 @@ once, under a lock, by `cpu_library()` / `cuda_library()`, which wrap the uncach
 tests call directly.
 
 Every library is opened from the package directory (unless KBIT_LIBRARY names one), RTLD_LOCAL, and
-checked before use: its `kbit_abi_version()` must be ABI_VERSION and its `kbit_build_info()` must
+checked before use: its `kbit_abi_version()` must be ABI_VERSION (the packaged kbit.h's, read by
+`_abi`, which also gives every ctypes signature) and its `kbit_build_info()` must
 agree with its manifest entry. A CUDA library that fails a check is skipped, with the reason, for
 the next usable one.
 """
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from ._abi import Abi, AbiError, load_abi
 from ._elf import ElfError, check_loadable, file_sha256
 from ._errors import KbitConfigError, KbitLibraryError, KbitManifestError, KbitNativeError, KbitWarning
 from ._policy import Decision, check_overrides, select
@@ -31,7 +33,7 @@ from ._probes import LibraryEntry, Manifest, Probes, probe_all, probe_manifest
 from ._versions import cpu_library_name
 
 __all__ = [
-    "ABI_VERSION",
+    "ABI_VERSION",  # noqa: F822 (module __getattr__)
     "PACKAGE_DIR",
     "CudaLoad",
     "NativeLibrary",
@@ -40,52 +42,34 @@ __all__ = [
     "open_library",
 ]
 
-ABI_VERSION = 3
-"""The KBIT_ABI_VERSION of kbit.h this runtime was written for."""
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 logger = logging.getLogger("kbit")
 
-_c_void_p, _c_int, _c_int32, _c_int64, _c_float = (
-    ctypes.c_void_p, ctypes.c_int, ctypes.c_int32, ctypes.c_int64, ctypes.c_float)
 
-# name: (restype, argtypes), from kbit.h.
-_SIGNATURES: Mapping[str, tuple[Any, list[Any]]] = {
-    "kbit_abi_version": (_c_int, []),
-    "kbit_build_info": (ctypes.c_char_p, []),
-    "kbit_status_string": (ctypes.c_char_p, [_c_int]),
-    # dtype, A, code, out, absmax, n, blocksize, stream
-    "kbit_quantize_blockwise_8bit": (
-        _c_int, [_c_int, _c_void_p, _c_void_p, _c_void_p, _c_void_p, _c_int64, _c_int32, _c_void_p]),
-    # dtype, codes, code, absmax, out, n, blocksize, stream
-    "kbit_dequantize_blockwise_8bit": (
-        _c_int, [_c_int, _c_void_p, _c_void_p, _c_void_p, _c_void_p, _c_int64, _c_int32, _c_void_p]),
-    # dtype, quant_type, A, out, absmax, n, blocksize, stream
-    "kbit_quantize_4bit": (
-        _c_int, [_c_int, _c_int, _c_void_p, _c_void_p, _c_void_p, _c_int64, _c_int32, _c_void_p]),
-    # dtype, quant_type, packed, absmax, out, n, blocksize, stream
-    "kbit_dequantize_4bit": (
-        _c_int, [_c_int, _c_int, _c_void_p, _c_void_p, _c_void_p, _c_int64, _c_int32, _c_void_p]),
-    # dtype, quant_type, A, packed, absmax, bias, out, n_out, k_in, blocksize, stream
-    "kbit_gemv_4bit": (
-        _c_int, [_c_int, _c_int, _c_void_p, _c_void_p, _c_void_p, _c_void_p, _c_void_p, _c_int64, _c_int64,
-                 _c_int32, _c_void_p]),
-    # dtype, quant_type, A, packed, absmax, bias, out, m_rows, n_out, k_in, blocksize, stream
-    "kbit_matmul_4bit": (
-        _c_int, [_c_int, _c_int, _c_void_p, _c_void_p, _c_void_p, _c_void_p, _c_void_p, _c_int64, _c_int64,
-                 _c_int64, _c_int32, _c_void_p]),
-    # dtype, p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, beta1, beta2, eps, weight_decay, lr, step,
-    # gnorm_scale, decoupled_weight_decay, n, stream
-    "kbit_adam_8bit_blockwise": (
-        _c_int, [_c_int, _c_void_p, _c_void_p, _c_void_p, _c_void_p, _c_void_p, _c_void_p, _c_void_p, _c_void_p,
-                 _c_float, _c_float, _c_float, _c_float, _c_float, _c_int32, _c_float, _c_int, _c_int64,
-                 _c_void_p]),
-}
+def __getattr__(name: str) -> Any:
+    """ABI_VERSION (kbit.h's KBIT_ABI_VERSION) and _SIGNATURES (name -> (restype, argtypes)), read from
+    the packaged kbit.h on first use (`_abi`): the header is their one source."""
+    if name == "ABI_VERSION":
+        return _abi().version
+    if name == "_SIGNATURES":
+        return _abi().signatures()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _abi() -> Abi:
+    try:
+        return load_abi()
+    except AbiError as e:
+        raise KbitLibraryError(f"the kbit package's ABI table is unusable: {e}") from e
 
 
 @dataclass(frozen=True)
 class NativeLibrary:
-    """A loaded, checked library; its methods raise KbitNativeError on a non-zero status."""
+    """A loaded, checked library. Every function of kbit.h is a method named without the `kbit_`
+    prefix (`lib.gemv_4bit(...)` calls kbit_gemv_4bit with the header's argument count): one that
+    returns a kbit_status raises KbitNativeError when it is not 0 and returns None, the others return
+    their value (a static string decoded)."""
 
     path: str
     backend: str
@@ -96,43 +80,26 @@ class NativeLibrary:
         text = self.handle.kbit_status_string(status)
         return text.decode(errors="replace") if text else f"unknown status {status}"
 
-    def _call(self, name: str, *args: Any) -> None:
-        status = getattr(self.handle, name)(*args)
-        if status != 0:
-            raise KbitNativeError(name, status, self.status_string(status))
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        fn = None if name.startswith("_") else _abi().functions.get(f"kbit_{name}")
+        if fn is None:
+            raise AttributeError(f"{type(self).__name__} has no attribute {name!r} (kbit.h declares no kbit_{name})")
+        native = getattr(self.handle, fn.name)
 
-    def quantize_blockwise_8bit(self, dtype: int, A: int, code: int, out: int, absmax: int, n: int,
-                                blocksize: int, stream: Optional[int]) -> None:
-        self._call("kbit_quantize_blockwise_8bit", dtype, A, code, out, absmax, n, blocksize, stream)
+        def call(*args: Any) -> Any:
+            if len(args) != len(fn.params):  # ctypes would pass extra arguments on as varargs
+                raise TypeError(f"{fn.name} takes {len(fn.params)} arguments "
+                                f"({', '.join(n for _, n in fn.params)}), got {len(args)}")
+            result = native(*args)
+            if fn.returns_status:
+                if result != 0:
+                    raise KbitNativeError(fn.name, result, self.status_string(result))
+                return None
+            return result.decode(errors="replace") if isinstance(result, bytes) else result
 
-    def dequantize_blockwise_8bit(self, dtype: int, codes: int, code: int, absmax: int, out: int, n: int,
-                                  blocksize: int, stream: Optional[int]) -> None:
-        self._call("kbit_dequantize_blockwise_8bit", dtype, codes, code, absmax, out, n, blocksize, stream)
-
-    def quantize_4bit(self, dtype: int, quant_type: int, A: int, out: int, absmax: int, n: int, blocksize: int,
-                      stream: Optional[int]) -> None:
-        self._call("kbit_quantize_4bit", dtype, quant_type, A, out, absmax, n, blocksize, stream)
-
-    def dequantize_4bit(self, dtype: int, quant_type: int, packed: int, absmax: int, out: int, n: int,
-                        blocksize: int, stream: Optional[int]) -> None:
-        self._call("kbit_dequantize_4bit", dtype, quant_type, packed, absmax, out, n, blocksize, stream)
-
-    def gemv_4bit(self, dtype: int, quant_type: int, A: int, packed: int, absmax: int, bias: Optional[int],
-                  out: int, n_out: int, k_in: int, blocksize: int, stream: Optional[int]) -> None:
-        self._call("kbit_gemv_4bit", dtype, quant_type, A, packed, absmax, bias, out, n_out, k_in, blocksize,
-                   stream)
-
-    def matmul_4bit(self, dtype: int, quant_type: int, A: int, packed: int, absmax: int, bias: Optional[int],
-                    out: int, m_rows: int, n_out: int, k_in: int, blocksize: int, stream: Optional[int]) -> None:
-        self._call("kbit_matmul_4bit", dtype, quant_type, A, packed, absmax, bias, out, m_rows, n_out, k_in,
-                   blocksize, stream)
-
-    def adam_8bit_blockwise(self, dtype: int, p: int, g: int, state1: int, state2: int, absmax1: int,
-                            absmax2: int, qmap1: int, qmap2: int, beta1: float, beta2: float, eps: float,
-                            weight_decay: float, lr: float, step: int, gnorm_scale: float, decoupled: bool,
-                            n: int, stream: Optional[int]) -> None:
-        self._call("kbit_adam_8bit_blockwise", dtype, p, g, state1, state2, absmax1, absmax2, qmap1, qmap2,
-                   beta1, beta2, eps, weight_decay, lr, step, gnorm_scale, int(decoupled), n, stream)
+        call.__name__ = name
+        object.__setattr__(self, name, call)  # bound once: later calls skip __getattr__
+        return call
 
 
 @dataclass(frozen=True)
@@ -203,13 +170,14 @@ def open_library(path: Path, entry: Optional[LibraryEntry]) -> NativeLibrary:
         abi_fn = handle.kbit_abi_version
     except AttributeError as e:
         raise KbitLibraryError(f"{path}: missing symbol ({e}): not a kbit library") from None
-    abi_fn.restype, abi_fn.argtypes = _SIGNATURES["kbit_abi_version"]
+    table = _abi()
+    abi_fn.restype, abi_fn.argtypes = ctypes.c_int, []
     abi = abi_fn()
-    if abi != ABI_VERSION:
-        raise KbitLibraryError(f"{path}: ABI {abi}, this kbit runtime needs ABI {ABI_VERSION}: "
+    if abi != table.version:
+        raise KbitLibraryError(f"{path}: ABI {abi}, this kbit runtime needs ABI {table.version}: "
                                "the library and the Python package come from different kbit versions")
     try:
-        for name, (restype, argtypes) in _SIGNATURES.items():
+        for name, (restype, argtypes) in table.signatures().items():
             fn = getattr(handle, name)
             fn.restype, fn.argtypes = restype, argtypes
     except AttributeError as e:
