@@ -144,12 +144,12 @@ class Scenario:
 
 S = Scenario
 SCENARIOS = [
-    # The seed case: torch 12.4, driver 12.4, A100, no 12.4 library.
-    S("seed-a100-no-exact-minor-compat", "12.4", libs=("11.8", "12.5", "13.0"), branch=550,
+    # torch 12.4, driver 12.4, an A100, and no 12.4 library.
+    S("a100-no-exact-library-minor-compat", "12.4", libs=("11.8", "12.5", "13.0"), branch=550,
       pick="12.5", kind="minor-compat", reason="driver 550 ≥ 525, and every GPU has a cubin"),
-    S("seed-a100-no-exact-branch-unknown", "12.4", libs=("11.8", "12.5", "13.0"),
+    S("a100-no-exact-library-branch-unknown", "12.4", libs=("11.8", "12.5", "13.0"),
       pick="11.8", kind="cross-major", reason="no bundled CUDA 12.x runs here"),
-    S("seed-a100-all-bundled", "12.4", branch=550, pick="12.4", kind="exact"),
+    S("a100-all-bundled", "12.4", branch=550, pick="12.4", kind="exact"),
     # Colab-like driver jumps under an older torch.
     S("colab-12.6-t4", "12.6", devices="7.5:Tesla T4", branch=560, pick="12.4", kind="exact"),
     S("colab-12.8-t4-no-exact", "12.8", devices="7.5:Tesla T4", libs=("11.8", "12.5", "13.0"), branch=570,
@@ -415,7 +415,7 @@ def _interpreter(version: str) -> Optional[str]:
 
 
 PORTABILITY = [s for s in SCENARIOS if s.id in (
-    "seed-a100-no-exact-minor-compat", "blackwell-ptx-only", "pascal-p100", "override-version-unbundled")]
+    "a100-no-exact-library-minor-compat", "blackwell-ptx-only", "pascal-p100", "override-version-unbundled")]
 
 
 @pytest.mark.parametrize("scenario", PORTABILITY, ids=lambda s: s.id)
