@@ -89,7 +89,7 @@ def test_cuda_library_carries_its_rows_cubins_and_ptx(path):
     entry = ENTRIES[path.name]
     assert entry["archs"] == list(row.archs) and entry["ptx"] == [row.ptx]
     assert entry["cuda"] == str(row.cuda)
-    assert entry["toolkit"]["version"]
+    assert entry["toolkit"]["version"].startswith(f"{row.cuda}."), entry["toolkit"]  # the row's toolkit built it
 
 
 def test_cpu_library_carries_no_device_code():
@@ -119,7 +119,7 @@ def test_build_info_agrees_with_the_manifest(path):
     assert info["archs"] == entry["archs"]
     assert info["ptx"] == entry["ptx"]
     assert info["compiler"] == entry["compiler"]
-    assert got["ok"]
+    assert got["ok"] == "success"
 
 
 def _driver_present() -> bool:
@@ -151,9 +151,8 @@ print(status, lib.kbit_status_string(status).decode())
 def test_cuda_call_without_a_driver_returns_a_cuda_status(path):
     out = subprocess.run([sys.executable, "-c", _NO_DRIVER_CALL, str(path)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    status, message = out.stdout.split(" ", 1)
-    assert int(status) >= 1000, out.stdout  # KBIT_STATUS_CUDA_BASE + cudaError_t
-    assert message.strip()
+    # KBIT_STATUS_CUDA_BASE + cudaErrorInsufficientDriver (35): the static runtime finds no driver.
+    assert out.stdout.strip() == "1035 CUDA driver version is insufficient for CUDA runtime version", out.stdout
 
 
 def _fatbin(entries: list[tuple[int, int]]) -> bytes:
