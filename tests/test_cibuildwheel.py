@@ -66,10 +66,10 @@ def test_manylinux_image(options):
     assert "manylinux_2_28_x86_64" in image, image
 
 
-def test_repair_excludes_the_driver_as_nox_does(options):
+def test_repair_excludes_the_driver(options):
+    # nox's wheel is checked by what it holds (tests/test_wheel.py: nothing grafted into kbit.libs/).
     assert options.repair_command == CONFIG["repair-wheel-command"]
     assert "--exclude libcuda.so.1" in options.repair_command
-    assert '"--exclude", "libcuda.so.1"' in (REPO / "noxfile.py").read_text()
 
 
 def test_staged_libraries_and_engine(options):

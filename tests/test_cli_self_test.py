@@ -10,7 +10,7 @@ def test_self_test_runs_on_the_cpu(run_python) -> None:
     report = json.loads(r.stdout)
     cpu = next(t for t in report["self_test"] if t["device"] == "cpu")
     assert "error" not in cpu and 0 < cpu["max_relative_error"] <= 0.02, cpu
-    assert r.returncode == (0 if report["ok"] else 1)
+    assert r.returncode == 0 and report["ok"] is True, report["errors"]
 
 
 def test_self_test_in_the_text_report(run_python) -> None:

@@ -33,6 +33,12 @@ ENTRIES = {e["file"]: e for e in MANIFEST["libraries"]}
 LIBRARIES = sorted(PACKAGE.glob("libkbit_*.so"))
 CUDA_LIBRARIES = [p for p in LIBRARIES if parse_library_name(p.name)]
 ROWS = {r.cuda: r for r in load_matrix()}
+# A CPU-only package (`nox -s build -- --no-cuda`, the dev layout) has no CUDA library to read back:
+# the CUDA checks are then one case skipped with that reason, never an empty parametrization.
+CUDA_CASES = [pytest.param(p, id=p.name) for p in CUDA_LIBRARIES] or [
+    pytest.param(None, id="no-cuda-library", marks=pytest.mark.skip(
+        reason=f"{PACKAGE} carries no libkbit_cuda*.so (a --no-cuda build or the dev layout): no CUDA library to check")),
+]
 
 # The libc family: a library of the wheel may need these and nothing else.
 NEEDED_ALLOWED = {
@@ -73,7 +79,7 @@ def test_needed_is_the_libc_family_only(path):
     assert needed <= NEEDED_ALLOWED, f"unexpected dependencies: {sorted(needed - NEEDED_ALLOWED)}"
 
 
-@pytest.mark.parametrize("path", CUDA_LIBRARIES, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", CUDA_CASES)
 def test_cuda_library_carries_its_rows_cubins_and_ptx(path):
     row = ROWS.get(parse_library_name(path.name))
     assert row is not None, f"{path.name} has no row in ci/matrix.toml"
@@ -83,7 +89,7 @@ def test_cuda_library_carries_its_rows_cubins_and_ptx(path):
     entry = ENTRIES[path.name]
     assert entry["archs"] == list(row.archs) and entry["ptx"] == [row.ptx]
     assert entry["cuda"] == str(row.cuda)
-    assert entry["toolkit"]["version"]
+    assert entry["toolkit"]["version"].startswith(f"{row.cuda}."), entry["toolkit"]  # the row's toolkit built it
 
 
 def test_cpu_library_carries_no_device_code():
@@ -113,7 +119,7 @@ def test_build_info_agrees_with_the_manifest(path):
     assert info["archs"] == entry["archs"]
     assert info["ptx"] == entry["ptx"]
     assert info["compiler"] == entry["compiler"]
-    assert got["ok"]
+    assert got["ok"] == "success"
 
 
 def _driver_present() -> bool:
@@ -141,13 +147,12 @@ print(status, lib.kbit_status_string(status).decode())
 
 
 @pytest.mark.skipif(_driver_present(), reason="a CUDA driver is present: this checks the no-driver path")
-@pytest.mark.parametrize("path", CUDA_LIBRARIES, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", CUDA_CASES)
 def test_cuda_call_without_a_driver_returns_a_cuda_status(path):
     out = subprocess.run([sys.executable, "-c", _NO_DRIVER_CALL, str(path)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    status, message = out.stdout.split(" ", 1)
-    assert int(status) >= 1000, out.stdout  # KBIT_STATUS_CUDA_BASE + cudaError_t
-    assert message.strip()
+    # KBIT_STATUS_CUDA_BASE + cudaErrorInsufficientDriver (35): the static runtime finds no driver.
+    assert out.stdout.strip() == "1035 CUDA driver version is insufficient for CUDA runtime version", out.stdout
 
 
 def _fatbin(entries: list[tuple[int, int]]) -> bytes:

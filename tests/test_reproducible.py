@@ -4,13 +4,17 @@ The same source built twice, in two different build directories, gives byte-iden
 (no build path, temp-file name, timestamp or random build id in the file: -ffile-prefix-map, nvcc's
 temporaries never reach the linked library, zig's build id is a hash of the content); and a fresh
 build directory compiles nothing ccache has seen, so a rebuild after a touched source is a cache hit.
+And a CUDA library `nox -s build` made in its row's container is made again, byte for byte, by the
+same container in a fresh build directory: what anyone can check of the wheel they were given.
 
 Each build links with the build's own hash-locked zig (ci/requirements/zig.txt), as the wheel does.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,7 +25,15 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "ci"))
 
-from kbit_ci.build_row import ccache_env  # noqa: E402
+from kbit_ci import containers  # noqa: E402
+from kbit_ci.build_row import (  # noqa: E402
+    ZIG_CACHE_MOUNT,
+    ZIG_MOUNT,
+    ccache_env,
+    cmake_args,
+    git_revision,
+    source_date_epoch,
+)
 from kbit_ci.errors import KbitCiError  # noqa: E402
 from kbit_ci.matrix import load_matrix  # noqa: E402
 from kbit_ci.portable import ensure_zig, zig_cmake_args  # noqa: E402
@@ -107,3 +119,59 @@ def test_cuda_library_is_byte_identical_from_two_build_dirs(tmp_path, zig_args):
     for name in ("a", "b"):
         _build(tmp_path / name, args, {"CCACHE_DISABLE": "1"})
     _assert_identical(tmp_path / "a" / row.library, tmp_path / "b" / row.library, tmp_path)
+
+
+STAGE = REPO / "build" / "stage"
+
+
+def _staged_container_library():
+    """(row, library, record) of the staged CUDA library with the fewest archs (the quickest to build
+    again) that `nox -s build` made in a container; None when there is none."""
+    for row in sorted(load_matrix(), key=lambda r: (len(r.archs), r.cuda)):
+        lib, rec = STAGE / row.library, (STAGE / row.library).with_suffix(".json")
+        if lib.is_file() and rec.is_file():
+            record = json.loads(rec.read_text())
+            if record["toolkit"]["source"].startswith("container:") and record["toolkit"]["image"]:
+                return row, lib, record
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.container
+def test_container_built_cuda_library_is_rebuilt_byte_for_byte(tmp_path):
+    engine, why = containers.detect_engine()
+    if engine is None:
+        pytest.skip(f"no container engine: {why}")
+    found = _staged_container_library()
+    if found is None:
+        pytest.skip(f"no container-built CUDA library in {STAGE}: run `nox -s build` where a container engine works")
+    row, staged, record = found
+    built = re.search(rb'"revision":"([^"]*)"', staged.read_bytes())
+    assert built is not None, f"{staged.name} carries no revision"
+    revision = built.group(1).decode()
+    if revision != git_revision(REPO):
+        pytest.skip(f"{staged} was built from {revision}, the tree is at {git_revision(REPO)}: run `nox -s build`")
+    image = record["toolkit"]["image"]
+    if not containers.image_exists(engine, image):
+        pytest.skip(f"the build image {image} of {staged.name} is gone: run `nox -s build -- --cuda {row.cuda}`")
+    try:
+        zig = ensure_zig(cache_dir(os.environ, REPO))
+    except KbitCiError as e:
+        pytest.skip(f"no zig: {e}")
+    zig_cache = tmp_path / "zig-cache"
+    zig_cache.mkdir()
+    build = tmp_path / "build"
+    build.mkdir()
+    args = cmake_args(row, revision=revision, host_compiler=containers.container_host_compiler(row),
+                      extra=zig_cmake_args(f"{ZIG_MOUNT}/ziglang/zig", ZIG_CACHE_MOUNT))
+    # SOURCE_DATE_EPOCH as `nox -s build` sets it: HEAD's commit time (git log -1 --format=%ct).
+    # CCACHE_DISABLE: every object compiled again, none handed back by the cache.
+    cmd = containers.compile_command(
+        engine, image, src=REPO, build=build, jobs=os.cpu_count() or 2,
+        user=None if os.getuid() == 0 else f"{os.getuid()}:{os.getgid()}", cmake_args=args,
+        mounts=[(zig.root, ZIG_MOUNT, False), (zig_cache, ZIG_CACHE_MOUNT, True)],
+        env={"SOURCE_DATE_EPOCH": source_date_epoch(REPO), "CCACHE_DISABLE": "1"},
+    )
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    _assert_identical(staged, build / row.library, tmp_path)

@@ -51,7 +51,7 @@ def test_import_is_light(run_python) -> None:
             "if m in sys.modules]; assert not heavy, heavy; print(kbit.__version__)")
     r = run_python("-c", code)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip()
+    assert r.stdout.strip() == kbit.__version__
 
 
 @pytest.mark.parametrize(

@@ -1,13 +1,19 @@
-"""The combination matrix: driver × devices × torch × bundled libraries × overrides, end to end.
+"""The combination matrix: driver × devices × torch × bundled libraries × overrides.
 
-Each scenario runs `python -m kbit --json` in its own process, through the real probes, policy and
-loader, against a package copy holding the real built CUDA libraries (those the scenario bundles are
-in its manifest). The driver is a stub libcuda.so.1 built here from tests/stub_libcuda/ and put on
-LD_LIBRARY_PATH; its real file is named libcuda.so.<branch>.54.15, as a real driver's is, so the
-probe reads the branch from it (or the file is plain libcuda.so.1: branch unknown). torch enters as
-a test double on sys.path that only says `torch.version.cuda` (CPU-only torch: None); "no torch"
-runs the child with -S so no site-packages is seen. No kernel is launched (--no-self-test): the stub
-cannot run one.
+One table, SCENARIOS, feeds two halves:
+
+  * the policy half (test_policy_decides_the_scenario) runs on any machine: kbit._policy.select over
+    the probes the scenario describes and a manifest of its libraries as ci/matrix.toml defines them
+    (archs, PTX). No file, driver or process is involved.
+  * the end-to-end half (test_scenario_end_to_end) runs `python -m kbit --json` in its own process,
+    through the real probes, policy and loader, against a package copy holding the real built CUDA
+    libraries (those the scenario bundles are in its manifest). A scenario whose libraries were not
+    built here skips, naming them; the others run. The driver is a stub libcuda.so.1 built here from
+    tests/stub_libcuda/ and put on LD_LIBRARY_PATH; its real file is named libcuda.so.<branch>.54.15,
+    as a real driver's is, so the probe reads the branch from it (or the file is plain libcuda.so.1:
+    branch unknown). torch enters as a test double on sys.path that only says `torch.version.cuda`
+    (CPU-only torch: None); "no torch" runs the child with -S so no site-packages is seen. No kernel
+    is launched (--no-self-test): the stub cannot run one.
 """
 
 from __future__ import annotations
@@ -18,13 +24,22 @@ import os
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import pytest
+from built_libraries import STAGE, cuda_libraries
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "ci"))
+
+from kbit import KbitConfigError  # noqa: E402
+from kbit._policy import select  # noqa: E402
+from kbit._probes import Device, DriverProbe, LibraryEntry, Manifest, Probes, TorchProbe  # noqa: E402
+from kbit._versions import CudaVersion, cpu_library_name, cuda_library_name  # noqa: E402
+from kbit_ci.matrix import load_matrix  # noqa: E402
+
 STUB_SOURCE = Path(__file__).resolve().parent / "stub_libcuda" / "libcuda_stub.c"
 ALL = ("11.8", "12.4", "12.5", "13.0")
 
@@ -53,26 +68,21 @@ def _package_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations))).resolve()
 
 
-def _cuda_libraries(package: Path) -> list[Path]:
-    """The real CUDA libraries: the installed wheel's, else the build's staged ones (dev layout)."""
-    found = sorted(package.glob("libkbit_cuda*.so"))
-    if found:
-        return found
-    return sorted((REPO / "build" / "stage").glob("libkbit_cuda*.so"))
+def _library(version: str) -> str:
+    return cuda_library_name(CudaVersion.parse(version))
 
 
 @dataclass(frozen=True)
 class Env:
-    """What the fixtures built: the full package copy, its manifest, the stub, the fake torch."""
+    """What the fixtures built: the package copy with every usable built CUDA library, its manifest,
+    the stub, the fake torch, and why each CUDA library of ALL is not there."""
 
     root: Path
     manifest: dict
     stub: Path
     torch_dir: Path
-    stale: tuple[str, ...] = ()
-    """Symbols the runtime binds that the built CUDA libraries lack (a runtime newer than the last
-    CUDA build, e.g. while new kernels are being added): the decision is still checked, the load
-    is then expected to fail on exactly that."""
+    absent: dict[str, str] = field(default_factory=dict)
+    """File name -> why that library is not in the copy (not built here, or built before the runtime)."""
 
 
 @pytest.fixture(scope="session")
@@ -81,9 +91,9 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Env:
     if cc is None:
         pytest.skip("no C compiler (cc) to build the stub libcuda")
     package = _package_dir()
-    libs = _cuda_libraries(package)
-    if {lib.name for lib in libs} < {f"libkbit_cuda{v.replace('.', '')}.so" for v in ALL}:
-        pytest.skip(f"the built CUDA libraries {ALL} are not in {package} nor in build/stage")
+    libs, left_out = cuda_libraries(package)
+    absent = {name: left_out.get(name, f"{name} is not built here (in neither {package} nor {STAGE})")
+              for name in map(_library, ALL) if name not in {lib.name for lib in libs}}
     root = tmp_path_factory.mktemp("scenarios")
     stub = root / "stub"
     stub.mkdir()
@@ -96,21 +106,15 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Env:
             shutil.copy2(f, full / f.name)
     for lib in libs:
         shutil.copy2(lib, full / lib.name)
-    records = REPO / "build" / "stage"
     cmd = [sys.executable, str(REPO / "ci" / "write_manifest.py"), str(full), "0.1.0"]
-    if any(records.glob("libkbit_cuda*.json")):
-        cmd.append(str(records))
+    if libs and any(STAGE.glob("libkbit_cuda*.json")):
+        cmd.append(str(STAGE))
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     manifest = json.loads((full / "manifest.json").read_text())
     torch_dir = root / "faketorch" / "torch"
     torch_dir.mkdir(parents=True)
     (torch_dir / "__init__.py").write_text(FAKE_TORCH)
-    from kbit._elf import read_elf
-    from kbit._native import _SIGNATURES
-
-    stale = sorted({name for lib in libs for name in _SIGNATURES} -
-                   {name for lib in libs for name in read_elf(lib).exported_functions})
-    return Env(root, manifest, stub / "libcuda.so", torch_dir.parent, tuple(stale))
+    return Env(root, manifest, stub / "libcuda.so", torch_dir.parent, absent)
 
 
 @dataclass(frozen=True)
@@ -132,16 +136,20 @@ class Scenario:
     reason: str = ""
     """A substring of the reason (or of the error)."""
     init_error: Optional[int] = None
+    """A CUresult for cuInit to fail with."""
+    loader_error: bool = False
+    """The error is the loader's, not the policy's (KBIT_LIBRARY names no file): the policy alone
+    takes the override as it is."""
 
 
 S = Scenario
 SCENARIOS = [
-    # The seed case: torch 12.4, driver 12.4, A100, no 12.4 library.
-    S("seed-a100-no-exact-minor-compat", "12.4", libs=("11.8", "12.5", "13.0"), branch=550,
+    # torch 12.4, driver 12.4, an A100, and no 12.4 library.
+    S("a100-no-exact-library-minor-compat", "12.4", libs=("11.8", "12.5", "13.0"), branch=550,
       pick="12.5", kind="minor-compat", reason="driver 550 ≥ 525, and every GPU has a cubin"),
-    S("seed-a100-no-exact-branch-unknown", "12.4", libs=("11.8", "12.5", "13.0"),
+    S("a100-no-exact-library-branch-unknown", "12.4", libs=("11.8", "12.5", "13.0"),
       pick="11.8", kind="cross-major", reason="no bundled CUDA 12.x runs here"),
-    S("seed-a100-all-bundled", "12.4", branch=550, pick="12.4", kind="exact"),
+    S("a100-all-bundled", "12.4", branch=550, pick="12.4", kind="exact"),
     # Colab-like driver jumps under an older torch.
     S("colab-12.6-t4", "12.6", devices="7.5:Tesla T4", branch=560, pick="12.4", kind="exact"),
     S("colab-12.8-t4-no-exact", "12.8", devices="7.5:Tesla T4", libs=("11.8", "12.5", "13.0"), branch=570,
@@ -198,7 +206,7 @@ SCENARIOS = [
     S("override-library", "12.4", env={"KBIT_LIBRARY": "@libkbit_cuda124.so"}, pick="12.4", kind="override",
       reason="without checking"),
     S("override-library-missing", "12.4", env={"KBIT_LIBRARY": "/nonexistent/libkbit_cuda124.so"}, kind="error",
-      reason="no such file"),
+      reason="no such file", loader_error=True),
     S("override-backend-cpu", "12.4", env={"KBIT_BACKEND": "cpu"}, pick="cpu", kind="override"),
     S("override-backend-bad", "12.4", env={"KBIT_BACKEND": "gpu"}, kind="error",
       reason="KBIT_BACKEND='gpu' is not one of auto, cpu, cuda"),
@@ -286,34 +294,33 @@ def run_scenario(env: Env, scenario: Scenario, python: str = sys.executable) -> 
     return r.returncode, report, r.stderr
 
 
-def check(env: Env, scenario: Scenario, status: int, report: dict, stderr: str) -> None:
+def _absent(env: Env, scenario: Scenario) -> None:
+    """Skip unless every CUDA library the scenario bundles was built (and is current) here."""
+    absent = [name for name in map(_library, scenario.libs) if name in env.absent]
+    if absent:
+        pytest.skip(f"needs {', '.join(absent)}: " + "; ".join(env.absent[name] for name in absent))
+
+
+def check(scenario: Scenario, status: int, report: dict, stderr: str) -> None:
+    """The end-to-end outcome: exactly the scenario's pick, reason, devices and branch."""
     decision = report["decision"]
     assert "Traceback" not in stderr, stderr
-    if env.stale and "KBIT_LIBRARY" in scenario.env and scenario.kind == "override":
-        assert status == 1 and "not a kbit library of this version" in decision["error"], decision
-        return
     assert _kind(decision) == scenario.kind, decision
     if scenario.kind == "error":
         assert status == 1 and scenario.reason in decision["error"], decision
         return
+    assert status == 0, report["errors"]
     text = decision["reason"]
     assert "\n" not in text
-    stale = env.stale and decision["backend"] == "cuda" and decision["override"] != "KBIT_LIBRARY"
-    if stale:
-        assert status == 1 and all("missing symbol" in f["why"] for f in decision["failures"]), decision
-        assert decision["loaded"] is None
-    else:
-        assert status == 0, report["errors"]
-        assert scenario.reason in text, text
+    assert scenario.reason in text, text
+    assert not decision["failures"], decision
     if scenario.pick == "cpu":
         assert decision["backend"] == "cpu" and decision["loaded"] is None
     else:
         assert scenario.pick is not None
-        want = f"libkbit_cuda{scenario.pick.replace('.', '')}.so"
+        want = _library(scenario.pick)
         assert decision["backend"] == "cuda" and Path(decision["file"]).name == want, decision
-        if not stale:  # the real library loaded
-            assert decision["loaded"] is not None and Path(decision["loaded"]).name == want
-            assert not decision["failures"]
+        assert decision["loaded"] is not None and Path(decision["loaded"]).name == want, decision
     devices = [d for d in scenario.devices.split(",") if d] if scenario.driver else []
     got = [f"{d['capability'][0]}.{d['capability'][1]}:{d['name']}" for d in report["driver"]["devices"]]
     assert got == (devices if scenario.init_error is None else [])
@@ -321,13 +328,76 @@ def check(env: Env, scenario: Scenario, status: int, report: dict, stderr: str) 
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda s: s.id)
-def test_scenario(env: Env, scenario: Scenario) -> None:
+def test_scenario_end_to_end(env: Env, scenario: Scenario) -> None:
+    _absent(env, scenario)
     if scenario.driver is None and _real_driver_present():
         pytest.skip("a real libcuda.so.1 is installed: the no-driver scenario cannot hide it")
-    check(env, scenario, *run_scenario(env, scenario))
+    check(scenario, *run_scenario(env, scenario))
 
 
-def test_scenarios_cover_the_issue() -> None:
+# --- the policy half: the same table over synthetic probes and manifests --------------------------
+
+ROWS = {r.cuda: r for r in load_matrix()}
+PACKAGE = Path("/site-packages/kbit")
+"""Where the synthetic package lives: only KBIT_LIBRARY's `@file` values are resolved against it."""
+CU_ERROR_NAMES = {100: "CUDA_ERROR_NO_DEVICE"}
+"""cuGetErrorName as tests/stub_libcuda names the errors the scenarios use."""
+
+
+def _entry(version: str) -> LibraryEntry:
+    row = ROWS[CudaVersion.parse(version)]
+    return LibraryEntry(row.library, "cuda", row.cuda, row.archs, (row.ptx,))
+
+
+def synthetic(scenario: Scenario) -> tuple[Probes, Manifest, dict[str, str]]:
+    """The probes a machine like the scenario's gives, a manifest of its libraries as the matrix
+    builds them, and its environment: what `python -m kbit` hands select() in the end-to-end half."""
+    devices = tuple(Device(i, name, (int(cap.split(".")[0]), int(cap.split(".")[1])))
+                    for i, (cap, _, name) in enumerate(d.partition(":") for d in scenario.devices.split(",") if d))
+    if scenario.torch is None:
+        torch = TorchProbe(False, error="torch is not installed")
+    elif scenario.torch == "cpu":
+        torch = TorchProbe(True, "0.0.0+kbit.scenario", None, None, 0)
+    else:
+        torch = TorchProbe(True, "0.0.0+kbit.scenario", CudaVersion.parse(scenario.torch), None, len(devices))
+    if scenario.driver is None:
+        driver = DriverProbe(False, error="libcuda.so.1: cannot open shared object file: No such file or directory")
+    elif scenario.init_error is not None:
+        error = f"cuInit failed: {CU_ERROR_NAMES[scenario.init_error]} ({scenario.init_error})"
+        driver = DriverProbe(True, "libcuda.so.1", CudaVersion.parse(scenario.driver), error=error,
+                             branch=scenario.branch)
+    else:
+        driver = DriverProbe(True, "libcuda.so.1", CudaVersion.parse(scenario.driver), devices,
+                             branch=scenario.branch)
+    cpu = LibraryEntry(cpu_library_name(), "cpu", None, (), ())
+    manifest = Manifest("manifest.json", (cpu, *map(_entry, scenario.libs)), "0.1.0", 1)
+    env = {k: str(PACKAGE / v[1:]) if v.startswith("@") else v for k, v in scenario.env.items()}
+    return Probes(torch, driver), manifest, env
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda s: s.id)
+def test_policy_decides_the_scenario(scenario: Scenario) -> None:
+    probes, manifest, env = synthetic(scenario)
+    if scenario.kind == "error" and not scenario.loader_error:
+        with pytest.raises(KbitConfigError) as e:
+            select(probes, manifest, env)
+        assert scenario.reason in str(e.value)
+        return
+    decision = select(probes, manifest, env)
+    if scenario.loader_error:
+        assert decision.override == "KBIT_LIBRARY" and decision.file == env["KBIT_LIBRARY"], decision
+        return
+    assert _kind(asdict(decision)) == scenario.kind, decision
+    assert "\n" not in decision.reason
+    assert scenario.reason in decision.reason, decision.reason
+    if scenario.pick == "cpu":
+        assert decision.backend == "cpu", decision
+    else:
+        assert scenario.pick is not None
+        assert decision.backend == "cuda" and Path(decision.file).name == _library(scenario.pick), decision
+
+
+def test_scenarios_cover_every_kind_and_override() -> None:
     kinds = {s.kind for s in SCENARIOS}
     assert kinds == {"exact", "highest", "minor-compat", "cross-major", "cpu", "override", "error"}
     overrides = {k for s in SCENARIOS for k in s.env}
@@ -345,16 +415,17 @@ def _interpreter(version: str) -> Optional[str]:
 
 
 PORTABILITY = [s for s in SCENARIOS if s.id in (
-    "seed-a100-no-exact-minor-compat", "blackwell-ptx-only", "pascal-p100", "override-version-unbundled")]
+    "a100-no-exact-library-minor-compat", "blackwell-ptx-only", "pascal-p100", "override-version-unbundled")]
 
 
+@pytest.mark.parametrize("scenario", PORTABILITY, ids=lambda s: s.id)
 @pytest.mark.parametrize("version", ["3.9", "3.10", "3.11", "3.12", "3.13"])
-def test_loader_under_every_supported_python(env: Env, version: str) -> None:
+def test_loader_under_every_supported_python(env: Env, version: str, scenario: Scenario) -> None:
     """The wheel is py3: the probes, policy and loader must run on every CPython it supports."""
     python = _interpreter(version)
     if python is None:
         pytest.skip(f"no CPython {version} here")
-    for scenario in PORTABILITY:
-        status, report, stderr = run_scenario(env, scenario, python)
-        assert report["python"].startswith(version + ".")
-        check(env, scenario, status, report, stderr)
+    _absent(env, scenario)
+    status, report, stderr = run_scenario(env, scenario, python)
+    assert report["python"].startswith(version + ".")
+    check(scenario, status, report, stderr)

@@ -64,4 +64,6 @@ def test_fresh_venv_python_m_kbit(fresh_venv):
     js = subprocess.run([fresh_venv, "-m", "kbit", "--json"], capture_output=True, text=True, cwd="/")
     assert js.returncode == 0, js.stderr
     report = json.loads(js.stdout)
-    assert isinstance(report, dict)
+    assert report["ok"] is True and report["errors"] == [], report["errors"]
+    assert Path(report["package_dir"]).is_relative_to(fresh_venv.parents[1])  # the fresh venv's kbit
+    assert report["cpu_library"]["build_info"]["backend"] == "cpu"
