@@ -113,6 +113,7 @@ CORRUPT = [
 @pytest.mark.parametrize(("name", "body", "why"), CORRUPT, ids=[c[0] for c in CORRUPT])
 def test_a_corrupt_manifest_is_an_error_value_naming_the_fault(name: str, body: str, why: str) -> None:
     m = parse_manifest(body, "/pkg/manifest.json")
+    assert m.path == "/pkg/manifest.json"
     assert not m.ok and m.libraries == () and m.kbit_version is None and m.abi is None
     assert m.error.startswith(f"/pkg/manifest.json is corrupt ({why}")
     assert m.error.endswith("): reinstall kbit")
@@ -131,6 +132,7 @@ def test_probe_manifest_reads_the_package_directory(tmp_path: Path) -> None:
 
 
 def test_probe_manifest_missing(tmp_path: Path) -> None:
+    assert probe_manifest(tmp_path).path == str(tmp_path / "manifest.json")
     assert probe_manifest(tmp_path).error == (
         f"{tmp_path}/manifest.json is missing: reinstall kbit (pip install --force-reinstall kbit), "
         "or in a source checkout build the libraries and write the manifest")
@@ -138,6 +140,7 @@ def test_probe_manifest_missing(tmp_path: Path) -> None:
 
 def test_probe_manifest_too_big(tmp_path: Path) -> None:
     (tmp_path / "manifest.json").write_bytes(b" " * ((1 << 20) + 1))
+    assert probe_manifest(tmp_path).path == str(tmp_path / "manifest.json")
     assert probe_manifest(tmp_path).error == (
         f"{tmp_path}/manifest.json is corrupt (1048577 bytes; a manifest is a few KB): reinstall kbit")
     (tmp_path / "manifest.json").write_bytes(text().encode().ljust(1 << 20))
@@ -146,6 +149,7 @@ def test_probe_manifest_too_big(tmp_path: Path) -> None:
 
 def test_probe_manifest_not_utf8(tmp_path: Path) -> None:
     (tmp_path / "manifest.json").write_bytes(b'{"schema": 1, \xff}')
+    assert probe_manifest(tmp_path).path == str(tmp_path / "manifest.json")
     error = probe_manifest(tmp_path).error
     assert error.startswith(f"{tmp_path}/manifest.json is corrupt (not UTF-8: 'utf-8' codec can't decode byte 0xff")
     assert error.endswith("): reinstall kbit")
@@ -153,6 +157,7 @@ def test_probe_manifest_not_utf8(tmp_path: Path) -> None:
 
 def test_probe_manifest_unreadable(tmp_path: Path) -> None:
     (tmp_path / "manifest.json").mkdir()
+    assert probe_manifest(tmp_path).path == str(tmp_path / "manifest.json")
     error = probe_manifest(tmp_path).error
     assert error.startswith(f"{tmp_path}/manifest.json cannot be read ([Errno 21] Is a directory")
 
@@ -195,3 +200,20 @@ def test_driver_branch_without_maps_reads_the_kernel_module(tmp_path: Path) -> N
     (tmp_path / "version").write_text("Kernel Module  570.86.10\n")
     assert driver_branch(str(tmp_path / "absent"), str(tmp_path / "version")) == 570
     assert driver_branch(str(tmp_path / "absent"), str(tmp_path / "absent")) is None
+
+
+def test_driver_branch_reads_paths_with_spaces_and_odd_bytes(tmp_path: Path) -> None:
+    real = tmp_path / "my drivers" / "libcuda.so.550.54.15"
+    real.parent.mkdir()
+    real.write_bytes(b"")
+    maps = tmp_path / "maps"
+    maps.write_bytes(b"7f00-7f01 r-xp 00000000 08:01 42    " + str(real).encode() + b"\n"
+                     b"7f02-7f03 r-xp 00000000 08:01 43    /opt/\xff\xfe/libfoo.so\n"
+                     b"libcuda.so truncated line\n")
+    assert driver_branch(str(maps), str(tmp_path / "absent")) == 550
+
+
+def test_driver_branch_reads_a_kernel_module_version_with_odd_bytes(tmp_path: Path) -> None:
+    (tmp_path / "version").write_bytes(b"NVRM \xff version: NVIDIA UNIX x86_64 Kernel Module  535.183.01 \xfe\n")
+    (tmp_path / "maps").write_bytes(b"libcuda.so\n7f00-7f01 r-xp 0 08:01 42 /x/\xff/libcuda.so.1\n")
+    assert driver_branch(str(tmp_path / "maps"), str(tmp_path / "version")) == 535

@@ -359,6 +359,60 @@ CASES = [
          line='no bundled CUDA library runs on torch CUDA 12.4 with driver CUDA 12.4 (bundled: none): using the CPU library; build from source with `nox -s build -- --cuda 12.4`',
          whys={
          }),
+    # The fix names the driver that runs the lowest same-major library newer than the driver, not an
+    # older-major one's, nor one the driver already runs that fails for another reason.
+    Case("driver-update-for-torch-s-major", probes("12.4", "11.4"), manifest("11.8", "12.4"),
+         backend="cpu", file="libkbit_cpu.so", warn=True,
+         line='no bundled CUDA library runs on torch CUDA 12.4 with driver CUDA 11.4 (bundled: 11.8, 12.4): using the CPU library; update the NVIDIA driver to ≥ 550 or build from source with `nox -s build -- --cuda 12.4`',
+         whys={
+             'libkbit_cuda118.so': 'rejected: CUDA 11.8 > driver CUDA 11.4 and the driver branch is unknown, so minor-version compatibility is not assumed (needs NVIDIA driver ≥ 520)',
+             'libkbit_cuda124.so': 'rejected: CUDA 12.4 > driver CUDA 11.4 (needs NVIDIA driver ≥ 550)',
+         }),
+    Case("driver-update-names-the-library-it-unlocks", probes("12.4", "12.4", caps=((12, 0),)),
+         manifest(lib("12.4", archs=("80",), ptx=()), lib("12.8", archs=("80", "120"), ptx=())),
+         backend="cpu", file="libkbit_cpu.so", warn=True,
+         line='no bundled CUDA library runs on torch CUDA 12.4 with driver CUDA 12.4 (bundled: 12.4, 12.8): using the CPU library; update the NVIDIA driver to ≥ 570 or build from source with `nox -s build -- --cuda 12.4`',
+         whys={
+             'libkbit_cuda124.so': 'rejected: no cubin or PTX runs on sm_120 (GPU 0 GPU0): cubins 80, PTX -',
+             'libkbit_cuda128.so': 'rejected: CUDA 12.8 > driver CUDA 12.4 and the driver branch is unknown, so minor-version compatibility is not assumed (needs NVIDIA driver ≥ 570)',
+         }),
+    # Only another major's library covers these GPUs: the reason names what torch's major lacks.
+    Case("uncovered-by-torch-s-major", probes("12.4", "12.4", caps=((12, 0), (12, 1))),
+         manifest(lib("12.4", archs=("80", "90"), ptx=()), lib("13.0", archs=("80", "120"), ptx=())),
+         backend="cpu", file="libkbit_cpu.so", warn=True,
+         line='no bundled CUDA library runs on torch CUDA 12.4 with driver CUDA 12.4 (sm_120, sm_121 not covered) (bundled: 12.4, 13.0): using the CPU library; build from source with `nox -s build -- --cuda 12.4`',
+         whys={
+             'libkbit_cuda124.so': 'rejected: no cubin or PTX runs on sm_120 (GPU 0 GPU0), sm_121 (GPU 1 GPU1): cubins 80,90, PTX -',
+             'libkbit_cuda130.so': 'rejected: CUDA 13.0 > driver CUDA 12.4 (needs NVIDIA driver ≥ 580)',
+         }),
+    Case("no-code-at-all-for-a-gpu", probes("12.8", "12.8", caps=((9, 0),)), manifest(lib("12.8", archs=(), ptx=())),
+         backend="cpu", file="libkbit_cpu.so", warn=True,
+         line="GPU sm_90 (GPU0) is not covered by any bundled library's cubins or PTX: using the CPU library; build from source with `nox -s build -- --arch 90`",
+         whys={
+             'libkbit_cuda128.so': 'rejected: no cubin or PTX runs on sm_90 (GPU 0 GPU0): cubins -, PTX -',
+         }),
+    Case("ptx-only-library-too-new-for-a-gpu", probes("12.8", "12.8", caps=((7, 5),)),
+         manifest(lib("12.8", archs=(), ptx=("80", "90"))), backend="cpu", file="libkbit_cpu.so", warn=True,
+         line='GPU sm_75 (GPU0) is older than every bundled library (sm_80+): using the CPU library; build from source with `nox -s build -- --arch 75`',
+         whys={
+             'libkbit_cuda128.so': 'rejected: no cubin or PTX runs on sm_75 (GPU 0 GPU0): cubins -, PTX 80,90',
+         }),
+    Case("minor-compat-needs-a-cubin-of-several", probes("12.4", "12.4", caps=((12, 0),), branch=550),
+         manifest(lib("12.5", archs=("80", "90"), ptx=("90",)), lib("12.6", archs=(), ptx=("90",))),
+         backend="cpu", file="libkbit_cpu.so", warn=True,
+         line='no bundled CUDA library runs on torch CUDA 12.4 with driver CUDA 12.4 (bundled: 12.5, 12.6): using the CPU library; update the NVIDIA driver to ≥ 555 or build from source with `nox -s build -- --cuda 12.4`',
+         whys={
+             'libkbit_cuda125.so': 'rejected: CUDA 12.5 > driver CUDA 12.4: minor-version compatibility needs a cubin, and sm_120 (GPU 0 GPU0) has none (cubins 80,90; PTX from CUDA 12.5 cannot be JIT-compiled by this driver)',
+             'libkbit_cuda126.so': 'rejected: CUDA 12.6 > driver CUDA 12.4: minor-version compatibility needs a cubin, and sm_120 (GPU 0 GPU0) has none (cubins -; PTX from CUDA 12.6 cannot be JIT-compiled by this driver)',
+         }),
+    Case("cuda-version-forced-with-a-cpu-only-torch", Probes(TorchProbe(True, "2.13.0"),
+         DriverProbe(True, "libcuda.so.1", None, (Device(0, "GPU0", (6, 1)),))), manifest("12.4"),
+         env={"KBIT_CUDA_VERSION": "12.4"}, file="libkbit_cuda124.so", warn=True,
+         override='KBIT_CUDA_VERSION', risky=True,
+         line='KBIT_CUDA_VERSION=12.4: using libkbit_cuda124.so although it may not run here (no cubin or PTX runs on sm_61 (GPU 0 GPU0): cubins 70,75,80,86,89,90, PTX 90)',
+         whys={
+             'libkbit_cuda124.so': 'taken: KBIT_CUDA_VERSION',
+         }),
 ]
 
 
@@ -418,6 +472,10 @@ def test_bad_manifest_is_reported() -> None:
         ((), ("103f",), (10, 0), False),
         ((), ("100",), (12, 0), True),  # plain PTX does
         (("sm_75",), ("compute_90",), (7, 5), True),
+        ((), ("90a",), (9, 0), True),  # arch-specific PTX: that device only
+        ((), ("90a",), (9, 1), False),
+        (("bogus", "80"), (), (8, 0), True),  # an arch kbit cannot read is skipped, never fatal
+        ((), ("bogus", "90"), (9, 0), True),
     ],
 )
 def test_covers(archs: tuple[str, ...], ptx: tuple[str, ...], capability: tuple[int, int], runs: bool) -> None:
@@ -430,6 +488,10 @@ def test_covers(archs: tuple[str, ...], ptx: tuple[str, ...], capability: tuple[
     (("80",), ("90",), (9, 0), "PTX compute_90"),
     (("90a",), ("90",), (9, 0), "cubin sm_90a"),
     (("80",), (), (7, 5), None),
+    (("sm_80", "sm_86"), (), (8, 9), "cubin sm_86"),
+    ((), ("compute_90",), (9, 0), "PTX compute_90"),
+    (("80f", "86"), (), (8, 6), "cubin sm_86"),  # the closest minor, whatever its suffix
+    (("86",), ("bogus", "compute_90"), (9, 0), "PTX compute_90"),
 ])
 def test_how_covered(archs, ptx, capability, how) -> None:
     assert how_covered(LibraryEntry("x.so", "cuda", CudaVersion(12, 8), archs, ptx), capability) == how

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 from ._drivers import MIN_DRIVER, MINOR_COMPAT_FLOOR
@@ -154,42 +154,46 @@ def _driver_hint(version: CudaVersion) -> str:
 
 
 def _cubin_covers(entry: LibraryEntry, capability: tuple[int, int]) -> bool:
-    return covers(LibraryEntry(entry.file, entry.backend, entry.cuda, entry.archs, ()), capability)
+    return covers(replace(entry, ptx=()), capability)
 
 
 def _names(devices: list[Device]) -> str:
     return ", ".join(f"{d.sm} (GPU {d.index}{' ' + d.name if d.name else ''})" for d in devices)
 
 
+def _by_compat(entry: LibraryEntry, driver: Optional[CudaVersion]) -> bool:
+    """Built with a newer CUDA than the driver's: it can run only by minor-version compatibility."""
+    return driver is not None and entry.cuda is not None and entry.cuda > driver
+
+
 def _check(entry: LibraryEntry, driver: Optional[CudaVersion], branch: Optional[int],
-           devices: tuple[Device, ...]) -> tuple[Optional[str], bool]:
-    """(why the library cannot run here or None, whether it runs only by minor-version compatibility)."""
+           devices: tuple[Device, ...]) -> Optional[str]:
+    """Why the library cannot run here, or None."""
     assert entry.cuda is not None
-    compat = driver is not None and entry.cuda > driver
-    if compat:
+    if _by_compat(entry, driver):
         assert driver is not None
         needs = f"needs {_driver_hint(entry.cuda)}"
         if entry.cuda.major != driver.major:
-            return f"CUDA {entry.cuda} > driver CUDA {driver} ({needs})", False
+            return f"CUDA {entry.cuda} > driver CUDA {driver} ({needs})"
         floor = MINOR_COMPAT_FLOOR.get(entry.cuda.major)
         if branch is None or floor is None:
             return (f"CUDA {entry.cuda} > driver CUDA {driver} and the driver branch is unknown, so minor-version "
-                    f"compatibility is not assumed ({needs})"), False
+                    f"compatibility is not assumed ({needs})")
         if branch < floor:
             return (f"CUDA {entry.cuda} > driver CUDA {driver} and driver {branch} is below the CUDA "
-                    f"{entry.cuda.major}.x minor-version compatibility floor {floor} ({needs})"), False
+                    f"{entry.cuda.major}.x minor-version compatibility floor {floor} ({needs})")
         missing = [d for d in devices if not _cubin_covers(entry, d.capability)]
         if missing:
             return (f"CUDA {entry.cuda} > driver CUDA {driver}: minor-version compatibility needs a cubin, and "
                     f"{_names(missing)} has none (cubins {','.join(entry.archs) or '-'}; PTX from CUDA "
-                    f"{entry.cuda} cannot be JIT-compiled by this driver)"), False
-        return None, True
+                    f"{entry.cuda} cannot be JIT-compiled by this driver)")
+        return None
     missing = [d for d in devices if not covers(entry, d.capability)]
     if missing:
         have = ",".join(entry.archs) or "-"
         ptx = ",".join(entry.ptx) or "-"
-        return f"no cubin or PTX runs on {_names(missing)}: cubins {have}, PTX {ptx}", False
-    return None, False
+        return f"no cubin or PTX runs on {_names(missing)}: cubins {have}, PTX {ptx}"
+    return None
 
 
 def _reject_all(entries: tuple[LibraryEntry, ...], why: str) -> tuple[Candidate, ...]:
@@ -238,7 +242,7 @@ def _cpu_settings(env: Mapping[str, str]) -> None:
         raise KbitConfigError(f"KBIT_NUM_THREADS={env['KBIT_NUM_THREADS']!r} is not a thread count in "
                               f"[1, {MAX_CPU_THREADS}]: set one, or unset it (the default: every CPU this "
                               "process may run on)")
-    simd = env.get("KBIT_CPU_SIMD", "")
+    simd = env.get("KBIT_CPU_SIMD")
     if simd and simd not in ("0", "avx2", "1"):  # exactly as the library compares them
         raise KbitConfigError(f"KBIT_CPU_SIMD={simd!r} is not 0 (portable loops only), avx2 (AVX2 kernels, "
                               "no AVX-512) or 1 (every SIMD kernel the CPU has, the default): set one, or unset it")
@@ -279,21 +283,16 @@ def select(probes: Probes, manifest: Manifest, env: Mapping[str, str]) -> Decisi
                         _reject_all(entries, "KBIT_BACKEND=cpu"), override="KBIT_BACKEND", gpu=gpu)
 
     torch, driver = probes.torch, probes.driver
-    if torch.cuda is not None:
-        target, target_name = torch.cuda, "torch's CUDA"
-    elif driver.version is not None:
-        target, target_name = driver.version, "the driver's CUDA"
-    else:
-        target, target_name = None, ""
+    target = torch.cuda if torch.cuda is not None else driver.version
 
-    def cpu_decision(why_all: str, reason: str, candidates: Optional[tuple[Candidate, ...]] = None) -> Decision:
+    def cpu_decision(reason: str, candidates: tuple[Candidate, ...]) -> Decision:
         if backend == "cuda":
             raise KbitConfigError(f"KBIT_BACKEND=cuda but {reason}")
-        return Decision("cpu", cpu, False, reason, candidates or _reject_all(entries, why_all), gpu=gpu)
+        return Decision("cpu", cpu, False, reason, candidates, gpu=gpu)
 
     if forced is not None:
         entry = next(e for e in entries if e.cuda == forced)
-        problem = None if target is None else _check(entry, driver.version, driver.branch, devices)[0]
+        problem = _check(entry, driver.version, driver.branch, devices)
         reason = f"KBIT_CUDA_VERSION={forced}: using {entry.file}"
         if problem:
             reason += f" although it may not run here ({problem})"
@@ -306,34 +305,32 @@ def select(probes: Probes, manifest: Manifest, env: Mapping[str, str]) -> Decisi
                         override="KBIT_CUDA_VERSION", gpu=gpu, risky=problem is not None)
 
     if torch.hip is not None:
-        return cpu_decision("torch is a ROCm build",
-                            f"torch is a ROCm build (HIP {torch.hip}) and kbit bundles no ROCm library: "
-                            "using the CPU library for CPU tensors; GPU tensors are not supported")
+        return cpu_decision(f"torch is a ROCm build (HIP {torch.hip}) and kbit bundles no ROCm library: "
+                            "using the CPU library for CPU tensors; GPU tensors are not supported",
+                            _reject_all(entries, "torch is a ROCm build"))
     if not driver.found:
         why = f" ({driver.error})" if driver.error else ""
-        return cpu_decision("no NVIDIA driver",
-                            f"no NVIDIA driver found{why}: using the CPU library; "
-                            "install the NVIDIA driver to use a GPU")
+        return cpu_decision(f"no NVIDIA driver found{why}: using the CPU library; "
+                            "install the NVIDIA driver to use a GPU", _reject_all(entries, "no NVIDIA driver"))
     if not devices:
         if driver.error:
-            return cpu_decision("no usable CUDA device",
-                                f"the NVIDIA driver reports no usable device ({driver.error}): "
-                                "using the CPU library; check the driver (nvidia-smi) and CUDA_VISIBLE_DEVICES")
-        return cpu_decision("no CUDA device visible",
-                            "no CUDA device is visible: using the CPU library; "
-                            "check CUDA_VISIBLE_DEVICES and nvidia-smi")
+            return cpu_decision(f"the NVIDIA driver reports no usable device ({driver.error}): "
+                                "using the CPU library; check the driver (nvidia-smi) and CUDA_VISIBLE_DEVICES",
+                                _reject_all(entries, "no usable CUDA device"))
+        return cpu_decision("no CUDA device is visible: using the CPU library; "
+                            "check CUDA_VISIBLE_DEVICES and nvidia-smi", _reject_all(entries, "no CUDA device visible"))
     assert target is not None  # the driver was found with devices, so its version is known
 
     usable: list[LibraryEntry] = []
     via_compat: set[str] = set()
     rejected: dict[str, str] = {}
     for e in entries:
-        problem, compat = _check(e, driver.version, driver.branch, devices)
+        problem = _check(e, driver.version, driver.branch, devices)
         if problem is not None:
             rejected[e.file] = problem
             continue
         usable.append(e)
-        if compat:
+        if _by_compat(e, driver.version):
             via_compat.add(e.file)
     # Torch's major first: its exact version, then the highest the driver runs natively, then the
     # lowest above the driver by minor-version compatibility; then other majors (native first).
@@ -351,15 +348,15 @@ def select(probes: Probes, manifest: Manifest, env: Mapping[str, str]) -> Decisi
     context = (f"torch CUDA {torch.cuda} with driver CUDA {driver.version}" if torch.cuda is not None
                else f"driver CUDA {driver.version}")
     if not order:
-        return cpu_decision("", _no_library_reason(entries, rejected, target, context, driver.version, devices),
+        return cpu_decision(_no_library_reason(entries, target, context, driver.version, devices),
                             tuple(Candidate(e.file, "rejected", rejected[e.file]) for e in entries))
 
     chosen = order[0]
     assert chosen.cuda is not None
     is_exact = chosen.cuda == target
-    branch = f"driver {driver.branch}" if driver.branch is not None else "driver branch unknown"
+    branch = f"driver {driver.branch}"  # known: minor-version compatibility is never assumed without it
     if is_exact:
-        why = f"exact match of {target_name} {target}"
+        why = f"exact match of {'torch' if torch.cuda is not None else 'the driver'}'s CUDA {target}"
         if chosen.file in via_compat:
             why += (f", run by minor-version compatibility (driver CUDA {driver.version}, {branch} ≥ "
                     f"{MINOR_COMPAT_FLOOR[chosen.cuda.major]}, every GPU has a cubin)")
@@ -393,14 +390,14 @@ def select(probes: Probes, manifest: Manifest, env: Mapping[str, str]) -> Decisi
                     tuple(e.file for e in order[1:]), gpu=gpu)
 
 
-def _no_library_reason(entries: tuple[LibraryEntry, ...], rejected: Mapping[str, str], target: CudaVersion,
+def _no_library_reason(entries: tuple[LibraryEntry, ...], target: CudaVersion,
                        context: str, driver: Optional[CudaVersion], devices: tuple[Device, ...]) -> str:
     bundled = [e.cuda for e in entries if e.cuda is not None]
     orphans = [d for d in devices if not any(covers(e, d.capability) for e in entries)]
     if orphans and entries:
         lowest = min(((p[0], p[1]) for e in entries for a in (*e.archs, *e.ptx) if (p := _parse_arch(a))),
-                     default=(0, 0))
-        older = all(d.capability < lowest for d in orphans)
+                     default=None)
+        older = lowest is not None and all(d.capability < lowest for d in orphans)
         what = (f"older than every bundled library (sm_{lowest[0]}{lowest[1]}+)" if older
                 else "not covered by any bundled library's cubins or PTX")
         archs = ",".join(sorted({f"{d.capability[0]}{d.capability[1]}" for d in orphans}))

@@ -83,6 +83,7 @@ def lay_out(work: Path, library: Path) -> None:
         shutil.rmtree(work)
     _copy(REPO / "python" / "kbit", work / "src" / "kbit")
     shutil.copy2(library, work / "src" / "kbit" / "libkbit_cpu.so")
+    shutil.copy2(REPO / "csrc" / "include" / "kbit.h", work / "src" / "kbit" / "kbit.h")  # the ABI table
     _copy(REPO / "ci" / "kbit_ci", work / "src" / "kbit_ci")
     # ci/'s scripts and data (the matrix, locks) without the package: the tests that put ci/ on
     # sys.path must import the mutated src/kbit_ci, not a second, unmutated copy.
