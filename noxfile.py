@@ -165,8 +165,8 @@ def _wheel(session: nox.Session, revision: str) -> Path:
     when it is installed; auditwheel then checks every library against the policy's manylinux tag.
     """
     from kbit_ci.build_row import ccache_args, ccache_env, source_date_epoch
+    from kbit_ci.locks import cache_dir
     from kbit_ci.portable import POLICY, ensure_zig, zig_cmake_args
-    from kbit_ci.toolkits import cache_dir
 
     cache = cache_dir(os.environ, REPO)
     zig = ensure_zig(cache)

@@ -8,7 +8,7 @@ PyPI wheels ([row.pypi] in ci/matrix.toml), from the index's own sha256 of each 
                                            (no network)
 
 The lock is what `pip --require-hashes` enforces in the build image and the host toolkit venv; the
-build refuses a lock whose versions are not the row's pins (kbit_ci.toolkits.pypi_lock).
+build refuses a lock whose versions are not the row's pins (kbit_ci.locks.pypi_lock).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from kbit_ci.locks import locked_requirements
 from kbit_ci.matrix import Row, load_matrix
-from kbit_ci.portable import locked_requirements
 
 REQUIREMENTS = Path(__file__).resolve().parent / "requirements"
 INDEX = "https://pypi.org/pypi/{name}/json"

@@ -23,9 +23,10 @@ sys.path.insert(0, str(REPO / "ci"))
 
 from kbit_ci.build_row import ccache_env  # noqa: E402
 from kbit_ci.errors import KbitCiError  # noqa: E402
+from kbit_ci.locks import cache_dir  # noqa: E402
 from kbit_ci.matrix import load_matrix  # noqa: E402
 from kbit_ci.portable import ensure_zig, zig_cmake_args  # noqa: E402
-from kbit_ci.toolkits import cache_dir, parse_nvcc_version  # noqa: E402
+from kbit_ci.toolkits import parse_nvcc_version  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     shutil.which("cmake") is None or shutil.which("ninja") is None, reason="needs cmake and ninja"
