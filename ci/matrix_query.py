@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """Answer questions about ci/matrix.toml from CMake and shell scripts (standard library only).
 
-    python ci/matrix_query.py --cmake-archs 12.4     ->  70-real;75-real;...;90-real;90-virtual
+    python -m ci.matrix_query --cmake-archs 12.4     ->  70-real;75-real;...;90-real;90-virtual
 
 Exit status 2, with a message on stderr, when the version has no row.
 """

@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import os
 import struct
-import sys
 import zlib
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "ci"))
+from ci.report import ReportRow, coverage, coverage_markdown, family, markdown, rows, text_table
 
-from report import ReportRow, coverage, coverage_markdown, family, markdown, rows, text_table  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
+
 
 MANIFEST = {"libraries": [
     {"file": "libkbit_cpu.so", "cuda": None, "archs": [], "ptx": [], "size": 90_000, "toolkit": None},
@@ -132,7 +131,7 @@ def test_family_names() -> None:
 
 
 def test_a_rebuild_that_changed_nothing_keeps_the_real_build_time() -> None:
-    from kbit_ci.build_row import real_build_time
+    from ci.kbit_ci.build_row import real_build_time
 
     assert real_build_time("abc", 0.4, None) == (0.4, False)
     assert real_build_time("abc", 0.4, {"sha256": "abc", "seconds": 114.0}) == (114.0, True)

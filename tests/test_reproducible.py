@@ -13,20 +13,19 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "ci"))
+from ci.kbit_ci.build_row import ccache_env
+from ci.kbit_ci.errors import KbitCiError
+from ci.kbit_ci.locks import cache_dir
+from ci.kbit_ci.matrix import load_matrix
+from ci.kbit_ci.portable import ensure_zig, zig_cmake_args
+from ci.kbit_ci.toolkits import parse_nvcc_version
 
-from kbit_ci.build_row import ccache_env  # noqa: E402
-from kbit_ci.errors import KbitCiError  # noqa: E402
-from kbit_ci.locks import cache_dir  # noqa: E402
-from kbit_ci.matrix import load_matrix  # noqa: E402
-from kbit_ci.portable import ensure_zig, zig_cmake_args  # noqa: E402
-from kbit_ci.toolkits import parse_nvcc_version  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
+
 
 pytestmark = pytest.mark.skipif(
     shutil.which("cmake") is None or shutil.which("ninja") is None, reason="needs cmake and ninja"

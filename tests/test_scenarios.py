@@ -97,10 +97,10 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Env:
     for lib in libs:
         shutil.copy2(lib, full / lib.name)
     records = REPO / "build" / "stage"
-    cmd = [sys.executable, str(REPO / "ci" / "write_manifest.py"), str(full), "0.1.0"]
+    cmd = [sys.executable, "-m", "ci.write_manifest", str(full), "0.1.0"]
     if any(records.glob("libkbit_cuda*.json")):
         cmd.append(str(records))
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO)
     manifest = json.loads((full / "manifest.json").read_text())
     torch_dir = root / "faketorch" / "torch"
     torch_dir.mkdir(parents=True)

@@ -4,21 +4,20 @@ packages by exact version through apt, whose signature checks nothing here turns
 from __future__ import annotations
 
 import re
-import sys
 from dataclasses import replace
 from pathlib import Path
 from types import MappingProxyType
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "ci"))
+from ci.kbit_ci import debian, locks
+from ci.kbit_ci.errors import ToolkitUnavailable
+from ci.kbit_ci.locks import locked_requirements
+from ci.kbit_ci.matrix import load_matrix
+from ci.kbit_ci.portable import ZIG_LOCK
 
-from kbit_ci import debian, locks  # noqa: E402
-from kbit_ci.errors import ToolkitUnavailable  # noqa: E402
-from kbit_ci.locks import locked_requirements  # noqa: E402
-from kbit_ci.matrix import load_matrix  # noqa: E402
-from kbit_ci.portable import ZIG_LOCK  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
+
 
 ROWS = load_matrix()
 PYPI_ROWS = [r for r in ROWS if r.pypi]

@@ -10,17 +10,15 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from kbit._versions import CudaVersion
+
+from ci.kbit_ci import base_images, debian, engine, images, locks, registry, toolkits
+from ci.kbit_ci.build_row import build_dir, c_compiler_for, cmake_args, container_kind
+from ci.kbit_ci.errors import ToolkitUnavailable
+from ci.kbit_ci.matrix import load_matrix, select_rows
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "ci"))
-if str(REPO / "python") not in sys.path:  # as kbit_ci does: an installed kbit wins
-    sys.path.append(str(REPO / "python"))
 
-from kbit._versions import CudaVersion  # noqa: E402
-from kbit_ci import base_images, debian, engine, images, locks, registry, toolkits  # noqa: E402
-from kbit_ci.build_row import build_dir, c_compiler_for, cmake_args, container_kind  # noqa: E402
-from kbit_ci.errors import ToolkitUnavailable  # noqa: E402
-from kbit_ci.matrix import load_matrix, select_rows  # noqa: E402
 
 ROWS = load_matrix()
 (CU118, CU120, CU124, CU125, CU130) = select_rows(ROWS, ["11.8", "12.0", "12.4", "12.5", "13.0"])
@@ -268,12 +266,12 @@ def test_container_kind():
     assert [container_kind(r) for r in (CU118, CU120, CU130)] == ["debian", "nvidia", "pypi"]
 
 
-# ---------------------------------------------------------------- ci/matrix_query.py
+# ---------------------------------------------------------------- python -m ci.matrix_query
 
 
 def _query(*args):
-    return subprocess.run([sys.executable, str(REPO / "ci" / "matrix_query.py"), *args],
-                          capture_output=True, text=True, check=False)
+    return subprocess.run([sys.executable, "-m", "ci.matrix_query", *args],
+                          capture_output=True, text=True, check=False, cwd=REPO)
 
 
 @pytest.mark.parametrize("row", ROWS, ids=lambda r: r.id)
@@ -294,7 +292,7 @@ def test_rows_are_frozen():
 
 
 def test_a_changed_compiler_configures_from_scratch():
-    from kbit_ci.build_row import stale_cache_reason
+    from ci.kbit_ci.build_row import stale_cache_reason
 
     cache = "CMAKE_CXX_COMPILER:FILEPATH=/usr/bin/c++\nCMAKE_CUDA_HOST_COMPILER:STRING=g++-13\nKBIT_CUDA:BOOL=ON\n"
     assert stale_cache_reason(cache, ["-DCMAKE_CXX_COMPILER=g++-13", "-DKBIT_CUDA=ON"]) == (
@@ -350,7 +348,7 @@ def test_the_gpu_code_list_tells_archs_apart() -> None:
 
 
 def test_unbuilt_rows_are_summed_up_once_with_the_command_that_builds_them() -> None:
-    from kbit_ci.build_row import unbuilt_summary
+    from ci.kbit_ci.build_row import unbuilt_summary
 
     by = {str(r.cuda): r for r in ROWS}
     skipped = [(by["12.0"], "x"), (by["12.6"], "y"), (by["11.8"], "CUDA 11.8 needs g++ 9..11, PATH has g++ 12.2.0")]
@@ -367,7 +365,7 @@ def test_unbuilt_rows_are_summed_up_once_with_the_command_that_builds_them() -> 
 def test_a_row_whose_nvcc_refuses_the_hosts_gxx_fetches_its_own() -> None:
     """11.8's nvcc takes g++ <= 11; on a Debian host whose PATH has only g++ 12 the build fetches the
     g++-11 its image installs (it is not asked for here: no network in this test)."""
-    from kbit_ci.toolkits import fetchable_host_compiler
+    from ci.kbit_ci.toolkits import fetchable_host_compiler
 
     row = next(r for r in ROWS if str(r.cuda) == "11.8")
     assert row.debian is not None and row.debian.gxx == "g++-11" and row.gcc[1] == 11
@@ -381,8 +379,8 @@ def test_a_row_whose_nvcc_refuses_the_hosts_gxx_fetches_its_own() -> None:
 def test_the_fetched_gxx_compiles() -> None:
     """g++-11 from Debian bookworm, unpacked into the cache (42 MB, once), compiles C++ with its own
     libstdc++ headers from where it lies."""
-    from kbit_ci.locks import cache_dir
-    from kbit_ci.toolkits import debian_host_compiler, fetchable_host_compiler
+    from ci.kbit_ci.locks import cache_dir
+    from ci.kbit_ci.toolkits import debian_host_compiler, fetchable_host_compiler
 
     row = next(r for r in ROWS if str(r.cuda) == "11.8")
     if fetchable_host_compiler(row) is None:

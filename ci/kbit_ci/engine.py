@@ -31,7 +31,7 @@ __all__ = [
 ]
 
 ENGINE_PACKAGES = ("podman", "runc", "debootstrap")
-INSTALL_HINT = "fix: python -m kbit_ci.containers --install-engine"
+INSTALL_HINT = "fix: python -m ci.containers --install-engine"
 # Podman's own default ulimits; lowered to the host's hard limits where those are smaller.
 _WANTED_NOFILE = 1048576
 _WANTED_NPROC = 32768

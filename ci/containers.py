@@ -1,7 +1,7 @@
 """The container CLI: install the engine on a fresh Debian/Ubuntu machine, build the row images.
 
-    python -m kbit_ci.containers --install-engine    # = apt-get update && apt-get install -y podman runc debootstrap
-    python -m kbit_ci.containers --images 12.4 13.0  # the build images of these rows (all: none named)
+    python -m ci.containers --install-engine    # = apt-get update && apt-get install -y podman runc debootstrap
+    python -m ci.containers --images 12.4 13.0  # the build images of these rows (all: none named)
 
 The decisions live in kbit_ci.engine (which engine, its flags), kbit_ci.registry, kbit_ci.base_images
 and kbit_ci.images; this module only parses arguments.
@@ -12,16 +12,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import REPO, proc
-from .engine import ENGINE_PACKAGES, detect_engine, install_engine, install_engine_commands
-from .images import ensure_row_image
-from .matrix import load_matrix, select_rows
+from .kbit_ci import REPO, proc
+from .kbit_ci.engine import ENGINE_PACKAGES, detect_engine, install_engine, install_engine_commands
+from .kbit_ci.images import ensure_row_image
+from .kbit_ci.matrix import load_matrix, select_rows
 
 __all__ = ["main"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m kbit_ci.containers")
+    p = argparse.ArgumentParser(prog="python -m ci.containers")
     p.add_argument("--install-engine", action="store_true", help="apt-get install " + " ".join(ENGINE_PACKAGES))
     p.add_argument("--print-install", action="store_true", help="print the install commands and exit")
     p.add_argument("--images", nargs="*", metavar="X.Y", help="build the build images of these rows (all: none given)")
