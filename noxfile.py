@@ -5,7 +5,7 @@
     nox -s build -- --cuda 12.4 --library-only    CI's per-row job: the library + build record in build/stage/
     nox -s build -- --staged          CI's fan-in job: the wheels from the libraries already in build/stage/
     nox -s tests                      the test suite against the wheel in dist/
-    nox -s lint                       ruff, the CI workflow (up to date, schema, zizmor), hadolint
+    nox -s lint                       ruff, the CI workflow (up to date, schema, zizmor), the hash locks, hadolint
     nox -s gpu                        on a GPU machine: every bundled CUDA library validated, a report
     nox -s fuzz -- --seconds 600      the fuzz campaign: the Python API (atheris), the C ABI (ASan + UBSan)
 
@@ -94,10 +94,12 @@ def tests(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def lint(session: nox.Session) -> None:
-    """ruff; the CI workflow: generated from ci/matrix.toml, valid, zizmor-clean; hadolint on the Dockerfiles."""
+    """ruff; the CI workflow: generated from ci/matrix.toml, valid, zizmor-clean; the PyPI rows' hash locks
+    generated from the matrix; hadolint on the Dockerfiles."""
     session.install(*LINT_DEPS)
     session.run("ruff", "check", "python", "ci", "tests", "benchmarks", "noxfile.py")
     session.run("python", "-m", "ci.workflow", "--check", env=TOOLING_ENV)
+    session.run("python", "-m", "ci.lock_pypi", "--check", env=TOOLING_ENV)  # every hash lock = its row's pins
     workflows = sorted(str(p.relative_to(REPO)) for p in (REPO / ".github" / "workflows").glob("*.yml"))
     session.run("check-jsonschema", "--builtin-schema", "vendor.github-workflows", *workflows)
     session.run("zizmor", "--offline", ".github/workflows/")

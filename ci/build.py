@@ -95,7 +95,6 @@ def build_record(row: Row, built) -> dict:
                     "linker": built.linker},
         "compiler": built.compiler,
         "host_compiler": built.host_compiler,
-        "linker": built.linker,
         "seconds": round(built.seconds, 1),
         "cached": built.cached,
     }

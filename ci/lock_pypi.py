@@ -17,7 +17,7 @@ import json
 import sys
 import urllib.request
 
-from .kbit_ci.locks import lock_mismatches, pypi_lock_path
+from .kbit_ci.locks import lock_mismatches, pypi_lock_path, render_lock
 from .kbit_ci.matrix import Row, load_matrix, select_rows
 
 INDEX = "https://pypi.org/pypi/{name}/json"
@@ -37,15 +37,8 @@ def _wheel_digest(name: str, version: str) -> tuple[str, str]:
 
 def lock_text(row: Row) -> str:
     assert row.pypi is not None
-    lines = [f"# CUDA {row.cuda} from NVIDIA's PyPI wheels: the toolkit of the {row.cuda} row (ci/matrix.toml "
-             "[row.pypi]).",
-             "# Written by `python -m ci.lock_pypi` from the index's sha256 of each pinned x86-64 wheel; pip enforces",
-             "# it (--require-hashes) in the build image (docker/pypi.Dockerfile) and the host toolkit venv",
-             "# (ci/kbit_ci/toolkits.py). The versions must equal the row's pins (the build checks)."]
-    for name, version in sorted(row.pypi.packages.items()):
-        _, sha = _wheel_digest(name, version)
-        lines += [f"{name}=={version} \\", f"    --hash=sha256:{sha}"]
-    return "\n".join(lines) + "\n"
+    digests = {name.lower(): [_wheel_digest(name, version)[1]] for name, version in row.pypi.packages.items()}
+    return render_lock(row, digests)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -440,3 +440,49 @@ def test_the_build_tooling_has_no_import_cycle():
     assert {"locks", "debian", "engine", "images", "toolkits"} <= set(graph)
     assert _cycle(graph) is None, " -> ".join(_cycle(graph) or [])
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+
+
+# ---------------------------------------------------------------- hash locks
+
+
+def _bumped(row, **pins):
+    from types import MappingProxyType
+
+    return replace(row, pypi=replace(row.pypi, packages=MappingProxyType({**row.pypi.packages, **pins})))
+
+
+def test_every_hash_lock_is_generated_from_the_matrix(tmp_path):
+    assert locks.lock_mismatches(ROWS) == []
+    req = tmp_path / "ci" / "requirements"
+    req.mkdir(parents=True)
+    for lock in (REPO / "ci" / "requirements").glob("cuda*.txt"):
+        shutil.copy(lock, req / lock.name)
+    assert locks.lock_mismatches(ROWS, tmp_path) == []
+    row = next(r for r in ROWS if r.pypi)
+    rows = [_bumped(r, **{"nvidia-cuda-nvcc": "13.0.99"}) if r is row else r for r in ROWS]
+    (bad,) = locks.lock_mismatches(rows, tmp_path)  # a pin bumped in the matrix only
+    assert f"CUDA {row.cuda}" in bad and "13.0.99" in bad and "python -m ci.lock_pypi" in bad
+    lock = locks.pypi_lock_path(row, tmp_path)
+    text = lock.read_text()
+    lock.write_text(text.replace("\n", "\n# a note by hand\n", 1))
+    (bad,) = locks.lock_mismatches(ROWS, tmp_path)
+    assert "edited by hand" in bad
+    lock.write_text(text)
+    (req / "cuda199.txt").write_text("")
+    (bad,) = locks.lock_mismatches(ROWS, tmp_path)
+    assert bad.startswith("cuda199.txt: no PyPI row")
+    (req / "cuda199.txt").unlink()
+    lock.unlink()
+    (bad,) = locks.lock_mismatches(ROWS, tmp_path)
+    assert "no hash lock" in bad
+
+
+def test_a_lock_is_its_rows_pins_with_their_digests(tmp_path):
+    row = next(r for r in ROWS if r.pypi)
+    digests = {n.lower(): [f"{i:064x}"] for i, n in enumerate(sorted(row.pypi.packages))}
+    lock_file = tmp_path / "lock.txt"
+    lock_file.write_text(locks.render_lock(row, digests))
+    assert locks.locked_requirements(lock_file) == {n.lower(): v for n, v in row.pypi.packages.items()}
+    assert locks.locked_digests(lock_file) == digests
+    with pytest.raises(ValueError, match="no sha256"):
+        locks.render_lock(row, {})

@@ -4,21 +4,28 @@ A leaf module (it imports no provider, image or build module), so every one of t
 
     cache_dir(env)               KBIT_CACHE_DIR, else <repo>/.cache
     locked_requirements(lock)    {name: version} of a hash-locked requirements file
+    render_lock(row, digests)    the text of a row's lock: its pins, each with its files' sha256 (pure)
     pypi_lock(row)               the row's lock ci/requirements/cudaXY.txt, checked against the matrix
     lock_mismatches(rows)        every PyPI row whose lock is missing or disagrees with its pins
+
+A lock is generated (`python -m ci.lock_pypi` renders it from the matrix and the index's digests)
+and checked: its versions must be the row's pins and its text exactly what render_lock makes of them
+and its own digests, so a hand edit, a dropped package or a pin bumped in one place fails the build
+and `nox -s lint`.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from . import REPO
 from .errors import ToolkitUnavailable
 from .matrix import Row
 
-__all__ = ["LOCKS_DIR", "cache_dir", "lock_mismatches", "locked_requirements", "pypi_lock", "pypi_lock_path"]
+__all__ = ["LOCKS_DIR", "cache_dir", "lock_mismatches", "locked_digests", "locked_requirements", "pypi_lock",
+           "pypi_lock_path", "render_lock"]
 
 LOCKS_DIR = REPO / "ci" / "requirements"
 
@@ -43,6 +50,34 @@ def locked_requirements(lock: Path) -> dict[str, str]:
     return out
 
 
+def locked_digests(lock: Path) -> dict[str, list[str]]:
+    """{name: [sha256, ...]} of a hash-locked requirements file."""
+    out: dict[str, list[str]] = {}
+    for entry in re.sub(r"\\\n", " ", lock.read_text()).splitlines():
+        entry = entry.split("#", 1)[0].strip()
+        if entry:
+            name = entry.split("==", 1)[0].lower().replace("_", "-")
+            out[name] = re.findall(r"--hash=sha256:([0-9a-f]{64})", entry)
+    return out
+
+
+def render_lock(row: Row, digests: Mapping[str, Sequence[str]]) -> str:
+    """The lock of a PyPI row: a header, then each pin of the row (sorted) with its files' sha256."""
+    assert row.pypi is not None
+    lines = [f"# CUDA {row.cuda} from NVIDIA's PyPI wheels: the toolkit of the {row.cuda} row (ci/matrix.toml "
+             "[row.pypi]).",
+             "# Written by ci/lock_pypi.py from the index's sha256 of each pinned x86-64 wheel; pip enforces",
+             "# it (--require-hashes) in the build image (docker/pypi.Dockerfile) and the host toolkit venv",
+             "# (ci/kbit_ci/toolkits.py). The versions must equal the row's pins (the build checks)."]
+    for name, version in sorted(_pins(row).items()):
+        if not digests.get(name):
+            raise ValueError(f"CUDA {row.cuda}: no sha256 for {name}=={version}")
+        lines.append(f"{name}=={version} \\")
+        lines += [f"    --hash=sha256:{d}" + (" \\" if i < len(digests[name]) - 1 else "")
+                  for i, d in enumerate(digests[name])]
+    return "\n".join(lines) + "\n"
+
+
 def pypi_lock_path(row: Row, repo: Path = REPO) -> Path:
     """ci/requirements/cudaXY.txt: where the row's hash lock lives (whether or not it exists)."""
     return repo / "ci" / "requirements" / f"cuda{row.tag}.txt"
@@ -62,9 +97,11 @@ def _mismatch(row: Row, lock: Path) -> str | None:
     except ValueError as e:
         return f"CUDA {row.cuda}: {e}"
     pinned = _pins(row)
+    fix = f"regenerate it (python -m ci.lock_pypi --cuda {row.cuda})"
     if locked != pinned:
-        return (f"CUDA {row.cuda}: {lock.name} locks {locked}, ci/matrix.toml pins {pinned}: "
-                "regenerate it (python -m ci.lock_pypi --cuda " + str(row.cuda) + ")")
+        return f"CUDA {row.cuda}: {lock.name} locks {locked}, ci/matrix.toml pins {pinned}: {fix}"
+    if lock.read_text() != render_lock(row, locked_digests(lock)):
+        return f"CUDA {row.cuda}: {lock.name} is not the text `python -m ci.lock_pypi` writes (edited by hand?): {fix}"
     return None
 
 
