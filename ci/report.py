@@ -84,8 +84,8 @@ def coverage(manifest: Mapping[str, Any], devices: Sequence[tuple[int, int]] = (
     """Rows of the coverage table: per device (every arch the bundled libraries name, plus `devices`),
     its label and one cell per CUDA library: "cubin" (its own), "cubin sm_XY" (an earlier minor's),
     "PTX JIT" or "-". The rules are the runtime's (kbit._policy.how_covered)."""
+    from kbit._manifest import LibraryEntry
     from kbit._policy import how_covered
-    from kbit._probes import LibraryEntry
     from kbit._versions import CudaVersion
 
     libs = [e for e in manifest.get("libraries", []) if e.get("cuda")]

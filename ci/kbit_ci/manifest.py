@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kbit._elf import file_sha256, read_elf
-from kbit._probes import MANIFEST_SCHEMA  # the reader's number: one constant for writer and reader
+from kbit._manifest import MANIFEST_SCHEMA  # the reader's number: one constant for writer and reader
 from kbit._versions import parse_library_name
 
 __all__ = ["MANIFEST_SCHEMA", "build_info", "library_entry", "write_manifest"]

@@ -1,7 +1,8 @@
-"""CUDA toolkits on the host: a list of small providers, each `(row, cache_dir, env) -> Toolkit | None`.
+"""CUDA toolkits on the host: a list of small providers, each `(row, cache_dir, env) -> Toolkit`.
 
-The first provider that hits wins; each miss is recorded with its reason, and when every provider
-misses, ToolkitUnavailable lists them all. Order:
+The first provider that hits wins. A provider misses by raising Miss (or a CommandError), never by
+returning None; each miss is recorded with its reason, and when every provider misses,
+ToolkitUnavailable lists them all. Order:
 
   system  an installed CUDA of exactly the row's version (CUDA_HOME, CUDA_PATH, nvcc on PATH, /usr/local/cuda)
   pypi    NVIDIA's 13.x wheels, pip-installed into a cached venv <cache>/toolkits/pypi-cuXY/ from the
@@ -81,7 +82,7 @@ class Toolkit:
     cmake_args: tuple[str, ...] = ()
 
 
-Provider = Callable[[Row, Path, Mapping[str, str]], "Toolkit | None"]
+Provider = Callable[[Row, Path, Mapping[str, str]], "Toolkit"]
 
 
 class Miss(Exception):
@@ -213,7 +214,7 @@ def _nvcc_info(nvcc: Path, env: Mapping[str, str] | None = None) -> tuple[CudaVe
     return parse_nvcc_version(out)
 
 
-def system_toolkit(row: Row, cache: Path, env: Mapping[str, str]) -> Toolkit | None:
+def system_toolkit(row: Row, cache: Path, env: Mapping[str, str]) -> Toolkit:
     """An installed CUDA whose nvcc reports exactly the row's version."""
     roots: list[Path] = []
     for var in ("CUDA_HOME", "CUDA_PATH"):
@@ -256,7 +257,7 @@ def _stamp_ok(stamp: Path, want: dict) -> bool:
         return False
 
 
-def pypi_toolkit(row: Row, cache: Path, env: Mapping[str, str]) -> Toolkit | None:
+def pypi_toolkit(row: Row, cache: Path, env: Mapping[str, str]) -> Toolkit:
     """NVIDIA's PyPI wheels (13.x only: the cu11/cu12 wheels carry no nvcc) in a cached venv."""
     if row.pypi is None:
         raise Miss("the row has no [row.pypi] pins")
@@ -296,7 +297,7 @@ def pypi_toolkit(row: Row, cache: Path, env: Mapping[str, str]) -> Toolkit | Non
     )
 
 
-def debian_toolkit(row: Row, cache: Path, env: Mapping[str, str]) -> Toolkit | None:
+def debian_toolkit(row: Row, cache: Path, env: Mapping[str, str]) -> Toolkit:
     """Debian's non-free toolkit packages, downloaded and unpacked privately (no root needed)."""
     if row.debian is None:
         raise Miss("the row has no [row.debian] pins")
@@ -381,7 +382,6 @@ def find_toolkit(
         except CommandError as e:
             misses.append(f"{name}: {str(e).splitlines()[0]}")
             continue
-        if tk is not None:
-            proc.log(f"CUDA {row.cuda}: toolkit {tk.source} {tk.version} at {tk.root}, host compiler {tk.host_compiler}")
-            return tk
+        proc.log(f"CUDA {row.cuda}: toolkit {tk.source} {tk.version} at {tk.root}, host compiler {tk.host_compiler}")
+        return tk
     raise ToolkitUnavailable(f"no host toolkit for CUDA {row.cuda}: " + " | ".join(misses))
