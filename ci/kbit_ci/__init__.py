@@ -11,3 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+
+try:
+    import kbit._versions  # noqa: F401  (the first of the helpers every module here uses)
+except ModuleNotFoundError as e:
+    if e.name not in ("kbit", "kbit._versions"):
+        raise
+    raise ModuleNotFoundError(
+        "the build tooling needs kbit's stdlib helpers (python/kbit/): run it from the repository root "
+        "with PYTHONPATH=python (python -m ci.<tool>), or with kbit installed", name=e.name) from e
