@@ -79,7 +79,7 @@ def test_markdown():
 
 def test_the_chart_draws_proportional_bars_and_the_coverage_grid() -> None:
     pytest.importorskip("matplotlib")
-    from report import chart, chart_png
+    from ci.report import chart, chart_png
 
     rs = rows(MANIFEST, RECORDS, COMPRESSED)
     covered = coverage({"libraries": [e for e in MANIFEST["libraries"]]})
@@ -142,6 +142,6 @@ def test_a_rebuild_that_changed_nothing_keeps_the_real_build_time() -> None:
 
 def test_the_chart_of_nothing_is_still_a_png() -> None:
     pytest.importorskip("matplotlib")
-    from report import chart_png
+    from ci.report import chart_png
 
     assert _png_size(chart_png([], []))[0] == 1300
