@@ -1,14 +1,13 @@
-#!/usr/bin/env python3
 """Write the hash locks ci/requirements/cudaXY.txt of the matrix rows whose toolkit comes from NVIDIA's
 PyPI wheels ([row.pypi] in ci/matrix.toml), from the index's own sha256 of each pinned wheel.
 
-    python ci/lock_pypi.py                 every PyPI row
-    python ci/lock_pypi.py --cuda 13.2     one row (repeatable)
-    python ci/lock_pypi.py --check         fail unless every PyPI row has a lock of exactly its pins
-                                           (no network)
+    python -m ci.lock_pypi                 every PyPI row
+    python -m ci.lock_pypi --cuda 13.2     one row (repeatable)
+    python -m ci.lock_pypi --check         fail unless every PyPI row has a lock of exactly its pins and
+                                           every lock a row (no network; `nox -s lint` runs it)
 
 The lock is what `pip --require-hashes` enforces in the build image and the host toolkit venv; the
-build refuses a lock whose versions are not the row's pins (kbit_ci.toolkits.pypi_lock).
+build refuses a lock whose versions are not the row's pins (kbit_ci.locks.pypi_lock).
 """
 
 from __future__ import annotations
@@ -17,14 +16,10 @@ import argparse
 import json
 import sys
 import urllib.request
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from .kbit_ci.locks import lock_mismatches, pypi_lock_path, render_lock
+from .kbit_ci.matrix import Row, load_matrix, select_rows
 
-from kbit_ci.matrix import Row, load_matrix
-from kbit_ci.portable import locked_requirements
-
-REQUIREMENTS = Path(__file__).resolve().parent / "requirements"
 INDEX = "https://pypi.org/pypi/{name}/json"
 PLATFORM = "manylinux"  # and x86_64: the build images and hosts are x86-64 Linux
 
@@ -42,36 +37,28 @@ def _wheel_digest(name: str, version: str) -> tuple[str, str]:
 
 def lock_text(row: Row) -> str:
     assert row.pypi is not None
-    lines = [f"# CUDA {row.cuda} from NVIDIA's PyPI wheels: the toolkit of the {row.cuda} row (ci/matrix.toml "
-             "[row.pypi]).",
-             "# Written by ci/lock_pypi.py from the index's sha256 of each pinned x86-64 wheel; pip enforces",
-             "# it (--require-hashes) in the build image (docker/pypi.Dockerfile) and the host toolkit venv",
-             "# (ci/kbit_ci/toolkits.py). The versions must equal the row's pins (the build checks)."]
-    for name, version in sorted(row.pypi.packages.items()):
-        _, sha = _wheel_digest(name, version)
-        lines += [f"{name}=={version} \\", f"    --hash=sha256:{sha}"]
-    return "\n".join(lines) + "\n"
+    digests = {name.lower(): [_wheel_digest(name, version)[1]] for name, version in row.pypi.packages.items()}
+    return render_lock(row, digests)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m ci.lock_pypi", description=__doc__.splitlines()[0])
     p.add_argument("--cuda", action="append", default=[], metavar="X.Y")
     p.add_argument("--check", action="store_true")
     a = p.parse_args(argv)
-    rows = [r for r in load_matrix() if r.pypi is not None and (not a.cuda or str(r.cuda) in a.cuda)]
-    bad = []
-    for row in rows:
-        lock = REQUIREMENTS / f"cuda{row.tag}.txt"
-        pins = {k.lower(): v for k, v in row.pypi.packages.items()}
-        if a.check:
-            if not lock.is_file() or locked_requirements(lock) != pins:
-                bad.append(f"{lock.name}: does not lock the pins of CUDA {row.cuda} ({pins})")
+    rows = load_matrix()
+    if a.check:
+        bad = lock_mismatches(rows)
+        for b in bad:
+            print(b, file=sys.stderr)
+        return 1 if bad else 0
+    for row in select_rows(rows, a.cuda):
+        if row.pypi is None:
             continue
+        lock = pypi_lock_path(row)
         lock.write_text(lock_text(row))
         print(f"wrote {lock}")
-    for b in bad:
-        print(b, file=sys.stderr)
-    return 1 if bad else 0
+    return 0
 
 
 if __name__ == "__main__":

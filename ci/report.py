@@ -7,9 +7,9 @@ tables and the chart are functions over plain data (`rows`, `markdown`, `text_ta
 `chart`); only `write_report` reads the wheel and writes files. The chart is drawn with matplotlib,
 installed in the build session only (never a runtime dependency).
 
-    python ci/report.py dist/kbit-*.whl [build/stage]      # rewrite dist/report.{md,png} for a wheel
+    python -m ci.report dist/kbit-*.whl [build/stage]      # rewrite dist/report.{md,png} for a wheel
 
-`nox -s build` runs it in its session (where matplotlib is installed), not in nox's own interpreter.
+`nox -s build` runs it in its session (ci.build, where matplotlib is installed).
 """
 
 from __future__ import annotations
@@ -84,11 +84,8 @@ def coverage(manifest: Mapping[str, Any], devices: Sequence[tuple[int, int]] = (
     """Rows of the coverage table: per device (every arch the bundled libraries name, plus `devices`),
     its label and one cell per CUDA library: "cubin" (its own), "cubin sm_XY" (an earlier minor's),
     "PTX JIT" or "-". The rules are the runtime's (kbit._policy.how_covered)."""
-    src = str(Path(__file__).resolve().parents[1] / "python")
-    if src not in sys.path:  # as kbit_ci does: an installed kbit (the same sources, in the test venv) wins
-        sys.path.append(src)
+    from kbit._manifest import LibraryEntry
     from kbit._policy import how_covered
-    from kbit._probes import LibraryEntry
     from kbit._versions import CudaVersion
 
     libs = [e for e in manifest.get("libraries", []) if e.get("cuda")]

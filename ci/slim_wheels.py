@@ -1,6 +1,6 @@
 """Slim per-CUDA wheels, rewritten from the repaired fat wheel.
 
-    python ci/slim_wheels.py dist/kbit-0.2.0-py3-none-manylinux_2_35_x86_64.whl dist/slim/
+    python -m ci.slim_wheels dist/kbit-0.2.0-py3-none-manylinux_2_35_x86_64.whl dist/slim/
     # -> dist/slim/kbit-0.2.0+cu118-py3-none-manylinux_2_35_x86_64.whl, ...+cu124..., one per CUDA library
 
 For each CUDA library in the fat wheel's manifest, writes

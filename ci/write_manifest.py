@@ -1,6 +1,6 @@
 """Write the package manifest at wheel-install time (called by CMakeLists.txt's install step).
 
-usage: python ci/write_manifest.py PACKAGE_DIR VERSION [RECORDS_DIR] [--note=TEXT]
+usage: python -m ci.write_manifest PACKAGE_DIR VERSION [RECORDS_DIR] [--note=TEXT]
 
 VERSION is the wheel's full PEP 440 version (scikit-build-core's SKBUILD_PROJECT_VERSION_FULL, from the
 git tag through setuptools-scm): the manifest's kbit_version must equal kbit.__version__. --note: a line
@@ -13,9 +13,7 @@ import re
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from kbit_ci.manifest import write_manifest
+from .kbit_ci.manifest import write_manifest
 
 # PEP 440 (canonical forms): 1.2.3, 1.2.3rc1, 1.2.4.dev5, 1.2.3+cu124
 _VERSION = re.compile(r"\d+(\.\d+)*((a|b|rc)\d+)?(\.post\d+)?(\.dev\d+)?(\+[a-z0-9]+(\.[a-z0-9]+)*)?")
@@ -28,7 +26,7 @@ def main(argv: list[str]) -> int:
         print(__doc__, file=sys.stderr)
         return 2
     if not _VERSION.fullmatch(argv[1]):
-        print(f"write_manifest.py: {argv[1]!r} is not a PEP 440 version", file=sys.stderr)
+        print(f"ci.write_manifest: {argv[1]!r} is not a PEP 440 version", file=sys.stderr)
         return 2
     records = Path(argv[2]) if len(argv) == 3 and argv[2] else None
     manifest = write_manifest(Path(argv[0]), argv[1], records, note=notes[0] if notes else "")

@@ -1,5 +1,5 @@
 # A CUDA toolkit from Debian's non-free archive, pinned by the matrix row (ci/matrix.toml [row.debian]).
-# Built by ci/kbit_ci/containers.py with --build-arg BASE SUITE EXTRA_SUITE GXX PACKAGES.
+# Built by ci/kbit_ci/images.py with --build-arg BASE SUITE EXTRA_SUITE GXX PACKAGES.
 ARG BASE=debian:bookworm-slim
 FROM ${BASE}
 

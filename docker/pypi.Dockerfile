@@ -1,13 +1,13 @@
 # A CUDA 13.x toolkit from NVIDIA's PyPI wheels (ci/matrix.toml [row.pypi]) in a venv, laid out as a
 # CUDA root at /usr/local/cuda so CMake's CUDA language finds nvcc, headers and the static runtime.
-# Built by ci/kbit_ci/containers.py with --build-arg BASE REQUIREMENTS LOCK_SHA256; the build context holds
+# Built by ci/kbit_ci/images.py with --build-arg BASE REQUIREMENTS LOCK_SHA256; the build context holds
 # the pinned wheels in wheels/ (downloaded on the host) and their hash lock requirements.txt (a copy of
 # ci/requirements/cudaXY.txt, whose sha256 is LOCK_SHA256), so the build itself needs no access to PyPI and
 # pip installs only files whose sha256 the lock names.
 ARG BASE=debian:bookworm-slim
 FROM ${BASE}
 
-# "nvidia-cuda-nvcc==13.0.88 nvidia-nvvm==13.0.88 ..." (the matrix row's pins; containers.py checked that
+# "nvidia-cuda-nvcc==13.0.88 nvidia-nvvm==13.0.88 ..." (the matrix row's pins; images.py checked that
 # the lock pins exactly these before the build)
 ARG REQUIREMENTS
 ARG LOCK_SHA256

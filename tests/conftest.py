@@ -19,6 +19,17 @@ def package_dir() -> Path:
 
 
 @pytest.fixture
+def no_native(monkeypatch):
+    """Fail the test if a call reaches native code: for the checks that must refuse an argument first."""
+    from kbit import _ops
+
+    def refuse(device):
+        raise AssertionError(f"reached native code for {device}")
+
+    monkeypatch.setattr(_ops, "_library", refuse)
+
+
+@pytest.fixture
 def fresh_native():
     """The loader's cache, emptied before and after the test."""
     from kbit import _native

@@ -14,4 +14,4 @@ lib=$(find "$build" -name libkbit_cpu.so -print -quit)
 [ -n "$lib" ] || { echo "dev_layout: no libkbit_cpu.so under $build" >&2; exit 1; }
 cp "$lib" "$repo/python/kbit/libkbit_cpu.so"
 cp "$repo/csrc/include/kbit.h" "$repo/python/kbit/kbit.h"  # the runtime's ABI table, as the wheel installs it
-"$python" "$repo/ci/write_manifest.py" "$repo/python/kbit" 0.1.0
+(cd "$repo" && PYTHONPATH="$repo/python" "$python" -m ci.write_manifest "$repo/python/kbit" 0.1.0)

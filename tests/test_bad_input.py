@@ -12,22 +12,10 @@ import math
 
 import pytest
 import torch
-from kbit import _ops
 from kbit import functional as F
 from kbit import nn as knn
 from kbit import optim as ko
 from machine import require_memory
-
-
-@pytest.fixture
-def no_native(monkeypatch):
-    """Fail the test if a call reaches native code."""
-
-    def refuse(device):
-        raise AssertionError(f"reached native code for {device}")
-
-    monkeypatch.setattr(_ops, "_library", refuse)
-
 
 W = torch.randn(48, 80, generator=torch.Generator().manual_seed(0))
 PACKED, STATE = F.quantize_4bit(W, blocksize=64)

@@ -21,16 +21,6 @@ def sizes(blocksize: int) -> list[int]:
     return [1, blocksize - 1, blocksize, 2 * blocksize + 3]  # partial last blocks included
 
 
-@pytest.fixture
-def no_native(monkeypatch):
-    """Fail the test if a call reaches native code."""
-
-    def refuse(device):
-        raise AssertionError(f"reached native code for {device}")
-
-    monkeypatch.setattr(_ops, "_library", refuse)
-
-
 # --- codebook ---------------------------------------------------------------------------------------
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kbit import KbitNativeError, _ops
+from kbit import KbitNativeError
 from kbit import functional as F
 from reference import dequantize_4bit, quantize_4bit, record_peer
 
@@ -24,16 +24,6 @@ KBIT_QUANT = {"fp4": 0, "nf4": 1}  # kbit.h's KBIT_QUANT_*
 def sizes(blocksize: int) -> list[int]:
     # odd n, one value, a partial last block, exact blocks
     return [1, 7, blocksize - 1, blocksize, 2 * blocksize, 3 * blocksize + 5]
-
-
-@pytest.fixture
-def no_native(monkeypatch):
-    """Fail the test if a call reaches native code."""
-
-    def refuse(device):
-        raise AssertionError(f"reached native code for {device}")
-
-    monkeypatch.setattr(_ops, "_library", refuse)
 
 
 # --- codebooks --------------------------------------------------------------------------------------

@@ -19,13 +19,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from kbit._elf import fatbin_archs, read_elf
+from kbit._versions import parse_library_name
+
+from ci.kbit_ci.matrix import load_matrix
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "ci"))
 
-from kbit._elf import fatbin_archs, read_elf  # noqa: E402
-from kbit._versions import parse_library_name  # noqa: E402
-from kbit_ci.matrix import load_matrix  # noqa: E402
 
 PACKAGE = Path(importlib.util.find_spec("kbit").submodule_search_locations[0])
 MANIFEST = json.loads((PACKAGE / "manifest.json").read_text())

@@ -8,16 +8,14 @@ import ctypes
 import hashlib
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
+from kbit._probes import parse_manifest
+
+from ci.kbit_ci.manifest import write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "ci"))
-
-from kbit._probes import parse_manifest  # noqa: E402
-from kbit_ci.manifest import write_manifest  # noqa: E402
 
 
 @pytest.fixture(scope="module")

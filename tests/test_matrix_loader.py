@@ -3,16 +3,14 @@ and the exact refusal of each impossible one. (tests/test_matrix.py checks the r
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
+from kbit._versions import CudaVersion
+
+from ci.kbit_ci.matrix import MatrixError, load_matrix, select_rows, with_extra_archs
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "ci"))
-
-from kbit._versions import CudaVersion  # noqa: E402
-from kbit_ci.matrix import MatrixError, load_matrix, select_rows, with_extra_archs  # noqa: E402
 
 
 def row(cuda: str = "12.4", archs: str = '["80", "90"]', ptx: str = "90", gcc: str = "[9, 13]",

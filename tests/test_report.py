@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import os
 import struct
-import sys
 import zlib
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "ci"))
+from ci.report import ReportRow, coverage, coverage_markdown, family, markdown, rows, text_table
 
-from report import ReportRow, coverage, coverage_markdown, family, markdown, rows, text_table  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
+
 
 MANIFEST = {"libraries": [
     {"file": "libkbit_cpu.so", "cuda": None, "archs": [], "ptx": [], "size": 90_000, "toolkit": None},
@@ -80,7 +79,7 @@ def test_markdown():
 
 def test_the_chart_draws_proportional_bars_and_the_coverage_grid() -> None:
     pytest.importorskip("matplotlib")
-    from report import chart, chart_png
+    from ci.report import chart, chart_png
 
     rs = rows(MANIFEST, RECORDS, COMPRESSED)
     covered = coverage({"libraries": [e for e in MANIFEST["libraries"]]})
@@ -132,7 +131,7 @@ def test_family_names() -> None:
 
 
 def test_a_rebuild_that_changed_nothing_keeps_the_real_build_time() -> None:
-    from kbit_ci.build_row import real_build_time
+    from ci.kbit_ci.build_row import real_build_time
 
     assert real_build_time("abc", 0.4, None) == (0.4, False)
     assert real_build_time("abc", 0.4, {"sha256": "abc", "seconds": 114.0}) == (114.0, True)
@@ -143,6 +142,6 @@ def test_a_rebuild_that_changed_nothing_keeps_the_real_build_time() -> None:
 
 def test_the_chart_of_nothing_is_still_a_png() -> None:
     pytest.importorskip("matplotlib")
-    from report import chart_png
+    from ci.report import chart_png
 
     assert _png_size(chart_png([], []))[0] == 1300

@@ -17,16 +17,11 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "ci"))
-
-from kbit_ci import containers  # noqa: E402
-from kbit_ci.build_row import (  # noqa: E402
+from ci.kbit_ci.build_row import (
     ZIG_CACHE_MOUNT,
     ZIG_MOUNT,
     ccache_env,
@@ -34,10 +29,16 @@ from kbit_ci.build_row import (  # noqa: E402
     git_revision,
     source_date_epoch,
 )
-from kbit_ci.errors import KbitCiError  # noqa: E402
-from kbit_ci.matrix import load_matrix  # noqa: E402
-from kbit_ci.portable import ensure_zig, zig_cmake_args  # noqa: E402
-from kbit_ci.toolkits import cache_dir, parse_nvcc_version  # noqa: E402
+from ci.kbit_ci.engine import detect_engine, image_exists
+from ci.kbit_ci.errors import KbitCiError
+from ci.kbit_ci.images import compile_command, container_host_compiler
+from ci.kbit_ci.locks import cache_dir
+from ci.kbit_ci.matrix import load_matrix
+from ci.kbit_ci.portable import ensure_zig, zig_cmake_args
+from ci.kbit_ci.toolkits import parse_nvcc_version
+
+REPO = Path(__file__).resolve().parents[1]
+
 
 pytestmark = pytest.mark.skipif(
     shutil.which("cmake") is None or shutil.which("ninja") is None, reason="needs cmake and ninja"
@@ -139,7 +140,7 @@ def _staged_container_library():
 @pytest.mark.slow
 @pytest.mark.container
 def test_container_built_cuda_library_is_rebuilt_byte_for_byte(tmp_path):
-    engine, why = containers.detect_engine()
+    engine, why = detect_engine()
     if engine is None:
         pytest.skip(f"no container engine: {why}")
     found = _staged_container_library()
@@ -152,7 +153,7 @@ def test_container_built_cuda_library_is_rebuilt_byte_for_byte(tmp_path):
     if revision != git_revision(REPO):
         pytest.skip(f"{staged} was built from {revision}, the tree is at {git_revision(REPO)}: run `nox -s build`")
     image = record["toolkit"]["image"]
-    if not containers.image_exists(engine, image):
+    if not image_exists(engine, image):
         pytest.skip(f"the build image {image} of {staged.name} is gone: run `nox -s build -- --cuda {row.cuda}`")
     try:
         zig = ensure_zig(cache_dir(os.environ, REPO))
@@ -162,11 +163,11 @@ def test_container_built_cuda_library_is_rebuilt_byte_for_byte(tmp_path):
     zig_cache.mkdir()
     build = tmp_path / "build"
     build.mkdir()
-    args = cmake_args(row, revision=revision, host_compiler=containers.container_host_compiler(row),
+    args = cmake_args(row, revision=revision, host_compiler=container_host_compiler(row),
                       extra=zig_cmake_args(f"{ZIG_MOUNT}/ziglang/zig", ZIG_CACHE_MOUNT))
     # SOURCE_DATE_EPOCH as `nox -s build` sets it: HEAD's commit time (git log -1 --format=%ct).
     # CCACHE_DISABLE: every object compiled again, none handed back by the cache.
-    cmd = containers.compile_command(
+    cmd = compile_command(
         engine, image, src=REPO, build=build, jobs=os.cpu_count() or 2,
         user=None if os.getuid() == 0 else f"{os.getuid()}:{os.getgid()}", cmake_args=args,
         mounts=[(zig.root, ZIG_MOUNT, False), (zig_cache, ZIG_CACHE_MOUNT, True)],

@@ -30,16 +30,14 @@ from typing import Optional
 
 import pytest
 from built_libraries import STAGE, cuda_libraries
+from kbit import KbitConfigError
+from kbit._policy import select
+from kbit._probes import Device, DriverProbe, LibraryEntry, Manifest, Probes, TorchProbe
+from kbit._versions import CudaVersion, cpu_library_name, cuda_library_name
+
+from ci.kbit_ci.matrix import load_matrix
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "ci"))
-
-from kbit import KbitConfigError  # noqa: E402
-from kbit._policy import select  # noqa: E402
-from kbit._probes import Device, DriverProbe, LibraryEntry, Manifest, Probes, TorchProbe  # noqa: E402
-from kbit._versions import CudaVersion, cpu_library_name, cuda_library_name  # noqa: E402
-from kbit_ci.matrix import load_matrix  # noqa: E402
-
 STUB_SOURCE = Path(__file__).resolve().parent / "stub_libcuda" / "libcuda_stub.c"
 ALL = ("11.8", "12.4", "12.5", "13.0")
 
@@ -106,10 +104,10 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Env:
             shutil.copy2(f, full / f.name)
     for lib in libs:
         shutil.copy2(lib, full / lib.name)
-    cmd = [sys.executable, str(REPO / "ci" / "write_manifest.py"), str(full), "0.1.0"]
+    cmd = [sys.executable, "-m", "ci.write_manifest", str(full), "0.1.0"]
     if libs and any(STAGE.glob("libkbit_cuda*.json")):
         cmd.append(str(STAGE))
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO)
     manifest = json.loads((full / "manifest.json").read_text())
     torch_dir = root / "faketorch" / "torch"
     torch_dir.mkdir(parents=True)

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "ci"))
+from ci.slim_wheels import SlimWheelError, slim_version, slim_wheel, slim_wheels
 
-from slim_wheels import SlimWheelError, slim_version, slim_wheel, slim_wheels  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
+
 
 WHEEL = os.environ.get("KBIT_WHEEL")
 needs_wheel = pytest.mark.skipif(not WHEEL, reason="KBIT_WHEEL is not set (nox -s tests sets it)")

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "ci"))
+from ci.kbit_ci.matrix import load_matrix
+from ci.kbit_ci.toolkits import parse_nvcc_version
 
-from kbit_ci.matrix import load_matrix  # noqa: E402
-from kbit_ci.toolkits import parse_nvcc_version  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
+
 
 WHEEL = os.environ.get("KBIT_WHEEL")
 SDIST = next(iter(sorted(Path(WHEEL).parent.glob("kbit-*.tar.gz"))), None) if WHEEL else None
@@ -50,7 +50,8 @@ def test_the_sdist_holds_the_sources_and_nothing_built() -> None:
     top = {n.split("/", 1)[0] for n in names}
     assert not top & {".cache", "build", "dist", ".nox"}, top
     for needed in ("CMakeLists.txt", "pyproject.toml", "PKG-INFO", "csrc/include/kbit.h", "csrc/cuda/gemv.cu",
-                   "ci/matrix.toml", "ci/matrix_query.py", "ci/write_manifest.py", "python/kbit/__init__.py"):
+                   "ci/matrix.toml", "ci/__init__.py", "ci/matrix_query.py", "ci/write_manifest.py",
+                   "ci/kbit_ci/manifest.py", "python/kbit/__init__.py"):
         assert needed in names, needed
     assert not any(n.endswith(".so") for n in names)
 

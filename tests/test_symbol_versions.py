@@ -16,12 +16,12 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from kbit._elf import read_elf
+
+from ci.kbit_ci.portable import POLICY
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "ci"))
 
-from kbit._elf import read_elf  # noqa: E402
-from kbit_ci.portable import POLICY  # noqa: E402
 
 WHEEL = os.environ.get("KBIT_WHEEL")
 needs_wheel = pytest.mark.skipif(

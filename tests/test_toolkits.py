@@ -10,17 +10,15 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from kbit._versions import CudaVersion
+
+from ci.kbit_ci import base_images, debian, engine, images, locks, registry, toolkits
+from ci.kbit_ci.build_row import build_dir, c_compiler_for, cmake_args, container_kind
+from ci.kbit_ci.errors import ToolkitUnavailable
+from ci.kbit_ci.matrix import load_matrix, select_rows
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "ci"))
-if str(REPO / "python") not in sys.path:  # as kbit_ci does: an installed kbit wins
-    sys.path.append(str(REPO / "python"))
 
-from kbit._versions import CudaVersion  # noqa: E402
-from kbit_ci import containers, toolkits  # noqa: E402  (puts python/ on sys.path)
-from kbit_ci.build_row import build_dir, c_compiler_for, cmake_args, container_kind  # noqa: E402
-from kbit_ci.errors import ToolkitUnavailable  # noqa: E402
-from kbit_ci.matrix import load_matrix, select_rows  # noqa: E402
 
 ROWS = load_matrix()
 (CU118, CU120, CU124, CU125, CU130) = select_rows(ROWS, ["11.8", "12.0", "12.4", "12.5", "13.0"])
@@ -30,7 +28,7 @@ ROWS = load_matrix()
 
 
 @pytest.mark.parametrize(
-    ("engine", "runc", "nofile", "nproc", "want_global", "want_run"),
+    ("name", "runc", "nofile", "nproc", "want_global", "want_run"),
     [
         ("podman", "/usr/sbin/runc", 20000, 96365, ("--runtime", "/usr/sbin/runc"),
          ("--ulimit", "nofile=20000:20000", "--ulimit", "nproc=32768:32768")),
@@ -41,18 +39,18 @@ ROWS = load_matrix()
         ("docker", "/usr/sbin/runc", 20000, 100, (), ()),
     ],
 )
-def test_engine_flags(engine, runc, nofile, nproc, want_global, want_run):
-    g, run, build = containers.engine_flags(engine, runc=runc, hard_nofile=nofile, hard_nproc=nproc)
+def test_engine_flags(name, runc, nofile, nproc, want_global, want_run):
+    g, run, build = engine.engine_flags(name, runc=runc, hard_nofile=nofile, hard_nproc=nproc)
     assert g == want_global
     assert run == want_run
-    if engine == "podman":
+    if name == "podman":
         assert build == (*want_run, "--network", "host")
     else:
         assert build == ()
 
 
 def test_engine_cmd_puts_global_flags_before_the_subcommand():
-    e = containers.Engine("podman", "/usr/bin/podman", global_flags=("--runtime", "/r"))
+    e = engine.Engine("podman", "/usr/bin/podman", global_flags=("--runtime", "/r"))
     assert e.cmd("build", "-t", "x") == ["/usr/bin/podman", "--runtime", "/r", "build", "-t", "x"]
 
 
@@ -89,7 +87,7 @@ Components: main
     ],
 )
 def test_parse_debian_mirror(files, want):
-    assert containers.parse_debian_mirror(files) == want
+    assert debian.parse_debian_mirror(files) == want
 
 
 @pytest.mark.parametrize(
@@ -102,63 +100,63 @@ def test_parse_debian_mirror(files, want):
     ],
 )
 def test_upstream_image_ref(image, ref, host):
-    assert containers.upstream_image_ref(image) == ref
-    assert containers.registry_host(image) == host
+    assert registry.upstream_image_ref(image) == ref
+    assert registry.registry_host(image) == host
 
 
 def test_base_images():
-    assert containers.base_image_for(CU118) == ("debian:bookworm-slim", "bookworm")
-    assert containers.base_image_for(CU124) == ("debian:trixie-slim", "trixie")
-    assert containers.base_image_for(CU130) == ("debian:bookworm-slim", "bookworm")
+    assert base_images.base_image_for(CU118) == ("debian:bookworm-slim", "bookworm")
+    assert base_images.base_image_for(CU124) == ("debian:trixie-slim", "trixie")
+    assert base_images.base_image_for(CU130) == ("debian:bookworm-slim", "bookworm")
     with pytest.raises(ToolkitUnavailable):
-        containers.base_image_for(CU120)
+        base_images.base_image_for(CU120)
 
 
 def test_build_args_are_the_rows_pins():
-    a = containers.image_build_args(CU125)
+    a = images.image_build_args(CU125)
     assert a["BASE"] == f"debian:{CU125.debian.suite}-slim" and a["SUITE"] == CU125.debian.suite
     assert a["EXTRA_SUITE"] == "experimental"
     assert a["GXX"] == "g++-13"
     assert "nvidia-cuda-toolkit=12.5.40~12.5.0-2+b1" in a["PACKAGES"].split()
-    assert containers.image_build_args(CU124)["EXTRA_SUITE"] == ""
-    p = containers.image_build_args(CU130)
+    assert images.image_build_args(CU124)["EXTRA_SUITE"] == ""
+    p = images.image_build_args(CU130)
     assert p["REQUIREMENTS"].split() == CU130.pypi.requirements()
-    assert containers.image_build_args(CU120) == {"NVIDIA_IMAGE": CU120.nvidia_image}
+    assert images.image_build_args(CU120) == {"NVIDIA_IMAGE": CU120.nvidia_image}
 
 
 @pytest.mark.parametrize("row", [r for r in ROWS if r.debian or r.pypi], ids=lambda r: r.id)
 def test_build_args_of_every_buildable_row(row):
-    args = containers.image_build_args(row)
+    args = images.image_build_args(row)
     assert all(isinstance(v, str) for v in args.values())
-    gxx = containers.container_host_compiler(row)
+    gxx = images.container_host_compiler(row)
     if row.debian:
         assert int(gxx.removeprefix("g++-")) in range(row.gcc[0], row.gcc[1] + 1)
 
 
 def test_fingerprint_changes_with_a_pin_and_only_then():
     text = (REPO / CU124.dockerfile).read_text()
-    args = containers.image_build_args(CU124)
-    fp = containers.image_fingerprint(text, args)
-    assert fp == containers.image_fingerprint(text, dict(reversed(list(args.items()))))
-    assert fp != containers.image_fingerprint(text, {**args, "PACKAGES": args["PACKAGES"] + "x"})
-    assert fp != containers.image_fingerprint(text + "\n", args)
+    args = images.image_build_args(CU124)
+    fp = images.image_fingerprint(text, args)
+    assert fp == images.image_fingerprint(text, dict(reversed(list(args.items()))))
+    assert fp != images.image_fingerprint(text, {**args, "PACKAGES": args["PACKAGES"] + "x"})
+    assert fp != images.image_fingerprint(text + "\n", args)
 
 
 def test_compile_command():
-    e = containers.Engine("podman", "podman", global_flags=("--runtime", "/r"), run_flags=("--ulimit", "a"))
-    argv = containers.compile_command(e, "kbit-build:cu124", src=Path("/repo"), build=Path("/repo/build/cuda/cu124"),
+    e = engine.Engine("podman", "podman", global_flags=("--runtime", "/r"), run_flags=("--ulimit", "a"))
+    argv = images.compile_command(e, "kbit-build:cu124", src=Path("/repo"), build=Path("/repo/build/cuda/cu124"),
                                       cmake_args=["-DX=1"], jobs=2, user="1000:1000")
     assert argv[:4] == ["podman", "--runtime", "/r", "run"]
     assert "/repo:/src:ro" in argv and "/repo/build/cuda/cu124:/build" in argv
     assert argv[argv.index("--network") + 1] == "none"
     assert argv[argv.index("--user") + 1] == "1000:1000"
     assert argv[-1] == "-DX=1" and "kbit-build:cu124" in argv
-    assert "--user" not in containers.compile_command(e, "i", src=Path("/s"), build=Path("/b"), cmake_args=[],
+    assert "--user" not in images.compile_command(e, "i", src=Path("/s"), build=Path("/b"), cmake_args=[],
                                                       jobs=2, user=None)
 
 
 def test_install_commands():
-    cmds = containers.install_engine_commands()
+    cmds = engine.install_engine_commands()
     assert cmds[0] == ["apt-get", "update"]
     assert {"podman", "runc", "debootstrap"} <= set(cmds[1])
 
@@ -192,7 +190,7 @@ def test_pick_host_compiler(available, bounds, want):
 
 
 def test_debian_sources_list():
-    text = toolkits.debian_sources_list("http://m.example/debian", ["trixie", "experimental"],
+    text = debian.debian_sources_list("http://m.example/debian", ["trixie", "experimental"],
                                         undated=["experimental"])
     assert text.splitlines() == [
         "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://m.example/debian trixie main contrib non-free",
@@ -217,8 +215,8 @@ def test_relocated_nvcc_profile_has_no_absolute_paths():
 
 
 def test_cache_dir_precedence(tmp_path):
-    assert toolkits.cache_dir({}, repo=tmp_path) == tmp_path / ".cache"
-    assert toolkits.cache_dir({"KBIT_CACHE_DIR": "/x"}, repo=tmp_path) == Path("/x")
+    assert locks.cache_dir({}, repo=tmp_path) == tmp_path / ".cache"
+    assert locks.cache_dir({"KBIT_CACHE_DIR": "/x"}, repo=tmp_path) == Path("/x")
 
 
 def _fake_toolkit(source):
@@ -268,12 +266,12 @@ def test_container_kind():
     assert [container_kind(r) for r in (CU118, CU120, CU130)] == ["debian", "nvidia", "pypi"]
 
 
-# ---------------------------------------------------------------- ci/matrix_query.py
+# ---------------------------------------------------------------- python -m ci.matrix_query
 
 
 def _query(*args):
-    return subprocess.run([sys.executable, str(REPO / "ci" / "matrix_query.py"), *args],
-                          capture_output=True, text=True, check=False)
+    return subprocess.run([sys.executable, "-m", "ci.matrix_query", *args],
+                          capture_output=True, text=True, check=False, cwd=REPO)
 
 
 @pytest.mark.parametrize("row", ROWS, ids=lambda r: r.id)
@@ -294,7 +292,7 @@ def test_rows_are_frozen():
 
 
 def test_a_changed_compiler_configures_from_scratch():
-    from kbit_ci.build_row import stale_cache_reason
+    from ci.kbit_ci.build_row import stale_cache_reason
 
     cache = "CMAKE_CXX_COMPILER:FILEPATH=/usr/bin/c++\nCMAKE_CUDA_HOST_COMPILER:STRING=g++-13\nKBIT_CUDA:BOOL=ON\n"
     assert stale_cache_reason(cache, ["-DCMAKE_CXX_COMPILER=g++-13", "-DKBIT_CUDA=ON"]) == (
@@ -315,12 +313,10 @@ def _gpu_codes(row) -> set[str] | None:
     import glob
     import re
 
-    from kbit_ci import containers
-
     out = None
-    engine, _ = containers.detect_engine()
-    if engine is not None and containers.image_exists(engine, row.image):
-        r = subprocess.run(engine.cmd("run", "--rm", *engine.run_flags, "--network", "none", row.image,
+    eng, _ = engine.detect_engine()
+    if eng is not None and engine.image_exists(eng, row.image):
+        r = subprocess.run(eng.cmd("run", "--rm", *eng.run_flags, "--network", "none", row.image,
                                       "nvcc", "--list-gpu-code"), capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr
         out = r.stdout
@@ -352,7 +348,7 @@ def test_the_gpu_code_list_tells_archs_apart() -> None:
 
 
 def test_unbuilt_rows_are_summed_up_once_with_the_command_that_builds_them() -> None:
-    from kbit_ci.build_row import unbuilt_summary
+    from ci.kbit_ci.build_row import unbuilt_summary
 
     by = {str(r.cuda): r for r in ROWS}
     skipped = [(by["12.0"], "x"), (by["12.6"], "y"), (by["11.8"], "CUDA 11.8 needs g++ 9..11, PATH has g++ 12.2.0")]
@@ -369,7 +365,7 @@ def test_unbuilt_rows_are_summed_up_once_with_the_command_that_builds_them() -> 
 def test_a_row_whose_nvcc_refuses_the_hosts_gxx_fetches_its_own() -> None:
     """11.8's nvcc takes g++ <= 11; on a Debian host whose PATH has only g++ 12 the build fetches the
     g++-11 its image installs (it is not asked for here: no network in this test)."""
-    from kbit_ci.toolkits import fetchable_host_compiler
+    from ci.kbit_ci.toolkits import fetchable_host_compiler
 
     row = next(r for r in ROWS if str(r.cuda) == "11.8")
     assert row.debian is not None and row.debian.gxx == "g++-11" and row.gcc[1] == 11
@@ -383,7 +379,8 @@ def test_a_row_whose_nvcc_refuses_the_hosts_gxx_fetches_its_own() -> None:
 def test_the_fetched_gxx_compiles() -> None:
     """g++-11 from Debian bookworm, unpacked into the cache (42 MB, once), compiles C++ with its own
     libstdc++ headers from where it lies."""
-    from kbit_ci.toolkits import cache_dir, debian_host_compiler, fetchable_host_compiler
+    from ci.kbit_ci.locks import cache_dir
+    from ci.kbit_ci.toolkits import debian_host_compiler, fetchable_host_compiler
 
     row = next(r for r in ROWS if str(r.cuda) == "11.8")
     if fetchable_host_compiler(row) is None:
@@ -392,3 +389,113 @@ def test_the_fetched_gxx_compiles() -> None:
     assert host.name == "g++-11" and host.major == 11
     r = subprocess.run([host.path, "-v", "-E", "-x", "c++", "/dev/null"], capture_output=True, text=True, check=True)
     assert str(Path(host.path).parents[1] / "include" / "c++" / "11") in r.stderr  # its own headers, relocated
+
+
+# ---------------------------------------------------------------- module structure
+
+
+def _package_imports(package: Path) -> dict[str, set[str]]:
+    """{module: the sibling modules it imports} of a package's modules, from their source (import-time
+    and function-level imports alike: a cycle through a deferred import is still a cycle)."""
+    import ast
+
+    names = {p.stem for p in package.glob("*.py")} - {"__init__"}
+    graph: dict[str, set[str]] = {}
+    for name in names:
+        deps = set()
+        for node in ast.walk(ast.parse((package / f"{name}.py").read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                if node.module:
+                    deps.add(node.module.split(".")[0])
+                else:
+                    deps.update(a.name for a in node.names)
+        graph[name] = deps & names
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    path: list[str] = []
+
+    def visit(n: str) -> list[str] | None:
+        state[n] = 1
+        path.append(n)
+        for d in sorted(graph[n]):
+            if state.get(d) == 1:
+                return [*path[path.index(d):], d]
+            if d not in state and (found := visit(d)):
+                return found
+        path.pop()
+        state[n] = 2
+        return None
+
+    for n in sorted(graph):
+        if n not in state and (found := visit(n)):
+            return found
+    return None
+
+
+def test_the_build_tooling_has_no_import_cycle():
+    graph = _package_imports(REPO / "ci" / "kbit_ci")
+    assert {"locks", "debian", "engine", "images", "toolkits"} <= set(graph)
+    assert _cycle(graph) is None, " -> ".join(_cycle(graph) or [])
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+
+
+# ---------------------------------------------------------------- hash locks
+
+
+def _bumped(row, **pins):
+    from types import MappingProxyType
+
+    return replace(row, pypi=replace(row.pypi, packages=MappingProxyType({**row.pypi.packages, **pins})))
+
+
+def test_every_hash_lock_is_generated_from_the_matrix(tmp_path):
+    assert locks.lock_mismatches(ROWS) == []
+    req = tmp_path / "ci" / "requirements"
+    req.mkdir(parents=True)
+    for lock in (REPO / "ci" / "requirements").glob("cuda*.txt"):
+        shutil.copy(lock, req / lock.name)
+    assert locks.lock_mismatches(ROWS, tmp_path) == []
+    row = next(r for r in ROWS if r.pypi)
+    rows = [_bumped(r, **{"nvidia-cuda-nvcc": "13.0.99"}) if r is row else r for r in ROWS]
+    (bad,) = locks.lock_mismatches(rows, tmp_path)  # a pin bumped in the matrix only
+    assert f"CUDA {row.cuda}" in bad and "13.0.99" in bad and "python -m ci.lock_pypi" in bad
+    lock = locks.pypi_lock_path(row, tmp_path)
+    text = lock.read_text()
+    lock.write_text(text.replace("\n", "\n# a note by hand\n", 1))
+    (bad,) = locks.lock_mismatches(ROWS, tmp_path)
+    assert "edited by hand" in bad
+    lock.write_text(text)
+    (req / "cuda199.txt").write_text("")
+    (bad,) = locks.lock_mismatches(ROWS, tmp_path)
+    assert bad.startswith("cuda199.txt: no PyPI row")
+    (req / "cuda199.txt").unlink()
+    lock.unlink()
+    (bad,) = locks.lock_mismatches(ROWS, tmp_path)
+    assert "no hash lock" in bad
+
+
+def test_a_lock_is_its_rows_pins_with_their_digests(tmp_path):
+    row = next(r for r in ROWS if r.pypi)
+    digests = {n.lower(): [f"{i:064x}"] for i, n in enumerate(sorted(row.pypi.packages))}
+    lock_file = tmp_path / "lock.txt"
+    lock_file.write_text(locks.render_lock(row, digests))
+    assert locks.locked_requirements(lock_file) == {n.lower(): v for n, v in row.pypi.packages.items()}
+    assert locks.locked_digests(lock_file) == digests
+    with pytest.raises(ValueError, match="no sha256"):
+        locks.render_lock(row, {})
+
+
+def test_ci_readme_names_every_module_and_only_real_ones():
+    """ci/README.md's two tables are the architecture: each entry point and each kbit_ci module once."""
+    import re
+
+    text = (REPO / "ci" / "README.md").read_text()
+    entry_points = set(re.findall(r"^\| `ci\.(\w+)` \|", text, re.M))
+    assert entry_points == {p.stem for p in (REPO / "ci").glob("*.py")} - {"__init__"}
+    documented = set()
+    for cell in re.findall(r"^\| (`\w+`(?:, `\w+`)*) \|", text, re.M):
+        documented |= set(re.findall(r"`(\w+)`", cell))
+    assert documented == {p.stem for p in (REPO / "ci" / "kbit_ci").glob("*.py")} - {"__init__"}

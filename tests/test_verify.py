@@ -35,10 +35,10 @@ def package(tmp_path: Path) -> Path:
     cuda, _ = cuda_libraries(source)
     for lib in cuda:
         shutil.copy2(lib, pkg / lib.name)
-    cmd = [sys.executable, str(REPO / "ci" / "write_manifest.py"), str(pkg), "0.1.0"]
+    cmd = [sys.executable, "-m", "ci.write_manifest", str(pkg), "0.1.0"]
     if cuda and any(STAGE.glob("libkbit_cuda*.json")):
         cmd.append(str(STAGE))
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO)
     return pkg
 
 

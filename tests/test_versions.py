@@ -66,8 +66,8 @@ def test_version_is_read_lazily(run_python):
 
 @pytest.mark.parametrize("bad", ["0.1.0-dirty", "v0.2.0", "", "0.2.0+CU124", "latest"])
 def test_manifest_writer_refuses_a_non_pep440_version(tmp_path, bad):
-    out = subprocess.run([sys.executable, str(REPO / "ci" / "write_manifest.py"), str(tmp_path), bad],
-                         capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "ci.write_manifest", str(tmp_path), bad],
+                         capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 2 and "not a PEP 440 version" in out.stderr
     assert not (tmp_path / "manifest.json").exists()
 

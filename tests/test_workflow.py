@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "ci"))
+from ci import workflow as wf
+from ci.kbit_ci.matrix import load_matrix
 
-import workflow as wf  # noqa: E402
-from kbit_ci.matrix import load_matrix  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
+
 
 ROWS = load_matrix()
 
@@ -30,16 +30,16 @@ def checked_in() -> dict:
 
 def test_checked_in_workflow_is_the_generators_output():
     assert wf.WORKFLOW_FILE == REPO / ".github" / "workflows" / "build.yml"
-    assert wf.WORKFLOW_FILE.read_text() == wf.render(wf.workflow(ROWS)), "run `python ci/workflow.py`"
+    assert wf.WORKFLOW_FILE.read_text() == wf.render(wf.workflow(ROWS)), "run `python -m ci.workflow`"
 
 
 def test_check_mode_catches_a_stale_file(tmp_path):
     stale = tmp_path / "build.yml"
     stale.write_text(wf.WORKFLOW_FILE.read_text().replace('cuda: "12.4"', 'cuda: "12.7"'))
-    cmd = [sys.executable, str(REPO / "ci" / "workflow.py"), "--check", "--output", str(stale)]
-    out = subprocess.run(cmd, capture_output=True, text=True)
+    cmd = [sys.executable, "-m", "ci.workflow", "--check", "--output", str(stale)]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 1 and "is stale" in out.stderr and '-          - cuda: "12.7"' in out.stderr
-    ok = subprocess.run([*cmd[:-1], str(wf.WORKFLOW_FILE)], capture_output=True, text=True)
+    ok = subprocess.run([*cmd[:-1], str(wf.WORKFLOW_FILE)], capture_output=True, text=True, cwd=REPO)
     assert ok.returncode == 0, ok.stderr
 
 

@@ -1,17 +1,22 @@
-"""Build tooling for kbit: the matrix, toolkit providers, containers, library builds, the wheel.
+"""Build tooling for kbit: the matrix, toolkit providers, containers, library builds, the manifest.
 
-Imported by noxfile.py and the tests; not part of the installed package.
+Used by the entry points in ci/ (`python -m ci.build`, `python -m ci.workflow`, ...) and the tests;
+not part of the installed package. It shares the runtime's stdlib-only helpers (kbit._versions,
+kbit._elf): `kbit` must be importable, installed or by configuration (PYTHONPATH=python: the
+noxfile, CMakeLists.txt and tests/dev_layout.sh set it; kbit_ci never edits sys.path).
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 
-# The runtime's stdlib-only helpers (CUDA versions, library names, ELF reading) are shared with the
-# build, so the build can use them without kbit being installed. Appended, not prepended: where kbit
-# is installed (the test session), the installed package is the one imported.
-if str(REPO / "python") not in sys.path:
-    sys.path.append(str(REPO / "python"))
+try:
+    import kbit._versions  # noqa: F401  (the first of the helpers every module here uses)
+except ModuleNotFoundError as e:
+    if e.name not in ("kbit", "kbit._versions"):
+        raise
+    raise ModuleNotFoundError(
+        "the build tooling needs kbit's stdlib helpers (python/kbit/): run it from the repository root "
+        "with PYTHONPATH=python (python -m ci.<tool>), or with kbit installed", name=e.name) from e

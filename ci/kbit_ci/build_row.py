@@ -23,12 +23,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from . import REPO, containers, proc
+from . import REPO, proc
+from .debian import host_debian_mirror
+from .engine import detect_engine
 from .errors import BuildError, CommandError, ToolkitUnavailable
+from .images import compile_command, container_host_compiler, ensure_row_image
+from .locks import cache_dir
 from .matrix import Row
 from .portable import POLICY, Zig, ensure_zig, zig_cmake_args
+from .registry import registry_host, registry_reachable
 from .toolkits import (
-    cache_dir,
     fetchable_host_compiler,
     find_host_compiler,
     find_toolkit,
@@ -126,7 +130,7 @@ def container_kind(row: Row) -> str:
 
 def resolve_mode(mode: Mode) -> Literal["container", "host"]:
     if mode == "auto":
-        engine, _ = containers.detect_engine()
+        engine, _ = detect_engine()
         return "container" if engine is not None else "host"
     if mode not in ("container", "host"):
         raise ValueError(f"mode must be auto, container or host, not {mode!r}")
@@ -137,12 +141,12 @@ def resolve_mode(mode: Mode) -> Literal["container", "host"]:
 
 
 def _why_not_container(row: Row) -> str | None:
-    engine, why = containers.detect_engine()
+    engine, why = detect_engine()
     if engine is None:
         return f"no container engine: {why}"
     if container_kind(row) == "nvidia":
-        host = containers.registry_host(row.nvidia_image or "")
-        if not containers.registry_reachable(host):
+        host = registry_host(row.nvidia_image or "")
+        if not registry_reachable(host):
             return f"{row.nvidia_image} needs the image registry {host}, which does not answer here"
         return None
     if row.debian is None and row.pypi is None:
@@ -162,7 +166,7 @@ def _why_not_host(row: Row) -> str | None:
         if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
             return "Debian toolkit rows need apt-get and dpkg-deb on the host"
         try:
-            containers.host_debian_mirror()
+            host_debian_mirror()
         except ToolkitUnavailable as e:
             return str(e)
         return None
@@ -301,12 +305,12 @@ def _ccache_dir(repo: Path, build: Path) -> Path:
 
 
 def _build_in_container(row: Row, repo: Path, jobs: int, revision: str, zig: Zig) -> BuiltLibrary:
-    engine, why = containers.detect_engine()
+    engine, why = detect_engine()
     if engine is None:
         raise ToolkitUnavailable(f"no container engine works: {why}")
     t0 = time.monotonic()
-    image = containers.ensure_row_image(engine, row, repo)
-    gxx = containers.container_host_compiler(row)
+    image = ensure_row_image(engine, row, repo)
+    gxx = container_host_compiler(row)
     probe = proc.run(
         engine.cmd("run", "--rm", *engine.run_flags, "--network", "none", image, "bash", "-c",
                    _PROBE.format(gxx=gxx)),
@@ -325,7 +329,7 @@ def _build_in_container(row: Row, repo: Path, jobs: int, revision: str, zig: Zig
         *zig_cmake_args(f"{ZIG_MOUNT}/ziglang/zig", ZIG_CACHE_MOUNT)])
     _prepare_build_dir(build, row, args)
     user = None if os.getuid() == 0 else f"{os.getuid()}:{os.getgid()}"
-    cmd = containers.compile_command(
+    cmd = compile_command(
         engine, image, src=repo, build=build, jobs=jobs, user=user, cmake_args=args,
         mounts=[(zig.root, ZIG_MOUNT, False), (zig_cache, ZIG_CACHE_MOUNT, True),
                 (_ccache_dir(repo, build), CCACHE_MOUNT, True)],

@@ -9,19 +9,15 @@ library built from source by CMake has none and is recorded as a local build.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
-from kbit._elf import read_elf
+from kbit._elf import file_sha256, read_elf
+from kbit._manifest import MANIFEST_SCHEMA  # the reader's number: one constant for writer and reader
 from kbit._versions import parse_library_name
 
-from . import REPO  # noqa: F401  (puts python/ on sys.path)
-
 __all__ = ["MANIFEST_SCHEMA", "build_info", "library_entry", "write_manifest"]
-
-MANIFEST_SCHEMA = 1
 
 
 def build_info(path: Path) -> dict[str, Any]:
@@ -31,14 +27,6 @@ def build_info(path: Path) -> dict[str, Any]:
     lib.kbit_build_info.restype = ctypes.c_char_p
     lib.kbit_build_info.argtypes = []
     return json.loads(lib.kbit_build_info().decode())
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def library_entry(path: Path, record: dict[str, Any] | None) -> dict[str, Any]:
@@ -58,7 +46,7 @@ def library_entry(path: Path, record: dict[str, Any] | None) -> dict[str, Any]:
         "cuda": None if cuda is None else str(cuda),
         "archs": list(elf.fatbin.cubin),
         "ptx": list(elf.fatbin.ptx),
-        "sha256": _sha256(path),
+        "sha256": file_sha256(path),
         "size": path.stat().st_size,
         "toolkit": toolkit,
         "compiler": info.get("compiler"),

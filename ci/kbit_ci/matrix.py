@@ -87,12 +87,6 @@ class Row:
         """CMAKE_CUDA_ARCHITECTURES: a cubin per arch plus PTX for the top one."""
         return ";".join([f"{a}-real" for a in self.archs] + [f"{self.ptx}-virtual"])
 
-    @property
-    def gencode_flags(self) -> list[str]:
-        flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in self.archs]
-        flags.append(f"-gencode=arch=compute_{self.ptx},code=compute_{self.ptx}")
-        return flags
-
 
 def _arch_key(arch: str) -> tuple[int, str]:
     digits = arch.rstrip("abf")

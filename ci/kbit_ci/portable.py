@@ -31,6 +31,7 @@ from pathlib import Path
 
 from . import REPO, proc
 from .errors import ToolkitUnavailable
+from .locks import locked_requirements
 
 __all__ = [
     "POLICY",
@@ -38,7 +39,6 @@ __all__ = [
     "SymbolPolicy",
     "Zig",
     "ensure_zig",
-    "locked_requirements",
     "zig_cmake_args",
 ]
 
@@ -77,21 +77,6 @@ class SymbolPolicy:
 
 
 POLICY = SymbolPolicy(platform="manylinux_2_28_x86_64", glibc=(2, 28))
-
-
-def locked_requirements(lock: Path) -> dict[str, str]:
-    """{name: version} of a hash-locked requirements file (every pin must carry a --hash)."""
-    text = lock.read_text()
-    out: dict[str, str] = {}
-    for entry in re.sub(r"\\\n", " ", text).splitlines():
-        entry = entry.split("#", 1)[0].strip()
-        if not entry:
-            continue
-        m = re.fullmatch(r"([A-Za-z0-9_.-]+)==([^\s;]+)((?:\s+--hash=sha256:[0-9a-f]{64})+)", entry)
-        if not m:
-            raise ValueError(f"{lock}: not an exact pin with --hash=sha256: {entry!r}")
-        out[m.group(1).lower().replace("_", "-")] = m.group(2)
-    return out
 
 
 @dataclass(frozen=True)

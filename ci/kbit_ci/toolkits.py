@@ -1,7 +1,8 @@
-"""CUDA toolkits on the host: a list of small providers, each `(row, cache_dir, env) -> Toolkit | None`.
+"""CUDA toolkits on the host: a list of small providers, each `(row, cache_dir, env) -> Toolkit`.
 
-The first provider that hits wins; each miss is recorded with its reason, and when every provider
-misses, ToolkitUnavailable lists them all. Order:
+The first provider that hits wins. A provider misses by raising Miss (or a CommandError), never by
+returning None; each miss is recorded with its reason, and when every provider misses,
+ToolkitUnavailable lists them all. Order:
 
   system  an installed CUDA of exactly the row's version (CUDA_HOME, CUDA_PATH, nvcc on PATH, /usr/local/cuda)
   pypi    NVIDIA's 13.x wheels, pip-installed into a cached venv <cache>/toolkits/pypi-cuXY/ from the
@@ -28,28 +29,26 @@ from typing import Callable
 
 from kbit._versions import CudaVersion
 
-from . import REPO, proc
+from . import proc
+from .debian import apt_download, host_debian_mirror
 from .errors import CommandError, ToolkitUnavailable
+from .locks import cache_dir, pypi_lock
 from .matrix import Row
 
 __all__ = [
     "PROVIDERS",
     "HostCompiler",
     "Toolkit",
-    "cache_dir",
-    "debian_sources_list",
     "debian_toolkit",
     "find_host_compiler",
     "find_toolkit",
     "parse_nvcc_version",
     "pick_host_compiler",
-    "pypi_lock",
     "pypi_toolkit",
     "relocated_nvcc_profile",
     "system_toolkit",
 ]
 
-DEBIAN_KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
 # Header-only packages nvcc's own headers lean on (cub/thrust/libcu++), beside the row's pins.
 DEBIAN_EXTRA_PACKAGES = ("libcu++-dev", "libcub-dev", "libthrust-dev")
 
@@ -83,7 +82,7 @@ class Toolkit:
     cmake_args: tuple[str, ...] = ()
 
 
-Provider = Callable[[Row, Path, Mapping[str, str]], "Toolkit | None"]
+Provider = Callable[[Row, Path, Mapping[str, str]], "Toolkit"]
 
 
 class Miss(Exception):
@@ -91,11 +90,6 @@ class Miss(Exception):
 
 
 # ---------------------------------------------------------------- pure helpers
-
-
-def cache_dir(env: Mapping[str, str], repo: Path = REPO) -> Path:
-    """KBIT_CACHE_DIR, else <repo>/.cache (gitignored)."""
-    return Path(env["KBIT_CACHE_DIR"]) if env.get("KBIT_CACHE_DIR") else repo / ".cache"
 
 
 _NVCC_RE = re.compile(r"^(Cuda compilation tools, release (\d+)\.(\d+), V(\d+\.\d+\.\d+)).*$", re.M)
@@ -114,20 +108,6 @@ def pick_host_compiler(available: Mapping[str, int], bounds: tuple[int, int]) ->
     lo, hi = bounds
     fits = [(major, name != "g++", name) for name, major in available.items() if lo <= major <= hi]
     return max(fits)[2] if fits else None
-
-
-def debian_sources_list(
-    mirror: str, suites: Sequence[str], keyring: str = DEBIAN_KEYRING, undated: Sequence[str] = ()
-) -> str:
-    """A private sources.list: the mirror's main + contrib + non-free for each suite.
-
-    Suites in `undated` (experimental: short Valid-Until, served expired by snapshot mirrors) skip the
-    Release date check; signatures are still verified.
-    """
-    def opts(suite: str) -> str:
-        return f"signed-by={keyring}" + (" check-valid-until=no" if suite in undated else "")
-
-    return "".join(f"deb [{opts(s)}] {mirror} {s} main contrib non-free\n" for s in suites)
 
 
 def relocated_nvcc_profile() -> str:
@@ -170,8 +150,6 @@ def fetchable_host_compiler(row: Row) -> str | None:
     privately (apt-get, dpkg-deb and a Debian mirror in its sources); else None."""
     if row.debian is None or not row.debian.gxx or shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
         return None
-    from .containers import host_debian_mirror
-
     try:
         host_debian_mirror()
     except ToolkitUnavailable:
@@ -211,7 +189,7 @@ def debian_host_compiler(row: Row, cache: Path) -> HostCompiler:
     want = {"packages": packages, "suite": suite}
     if not _stamp_ok(stamp, want):
         with proc.step(f"{gxx} from Debian {suite} into {root} (the host compiler of CUDA {row.cuda})"):
-            debs = _apt_download(cache, [suite], packages, cache / "debs" / f"{gxx}-{suite}", target=suite)
+            debs = apt_download(cache, [suite], packages, cache / "debs" / f"{gxx}-{suite}", target=suite)
             shutil.rmtree(root, ignore_errors=True)
             root.mkdir(parents=True)
             for deb in debs:
@@ -236,7 +214,7 @@ def _nvcc_info(nvcc: Path, env: Mapping[str, str] | None = None) -> tuple[CudaVe
     return parse_nvcc_version(out)
 
 
-def system_toolkit(row: Row, cache: Path, env: Mapping[str, str]) -> Toolkit | None:
+def system_toolkit(row: Row, cache: Path, env: Mapping[str, str]) -> Toolkit:
     """An installed CUDA whose nvcc reports exactly the row's version."""
     roots: list[Path] = []
     for var in ("CUDA_HOME", "CUDA_PATH"):
@@ -279,27 +257,7 @@ def _stamp_ok(stamp: Path, want: dict) -> bool:
         return False
 
 
-def pypi_lock(row: Row, repo: Path = REPO) -> Path:
-    """The row's hash lock, ci/requirements/cudaXY.txt, checked against the row's pins.
-
-    The matrix says which versions; the lock adds each file's sha256, which pip enforces. A lock that
-    disagrees with the matrix (a pin bumped in one place only) is an error, not a silent choice."""
-    from .portable import locked_requirements
-
-    if row.pypi is None:
-        raise ToolkitUnavailable(f"CUDA {row.cuda}: the row has no [row.pypi] pins")
-    lock = repo / "ci" / "requirements" / f"cuda{row.tag}.txt"
-    if not lock.is_file():
-        raise ToolkitUnavailable(f"CUDA {row.cuda}: no hash lock {lock} for its PyPI pins")
-    locked = locked_requirements(lock)
-    pinned = {name.lower(): version for name, version in row.pypi.packages.items()}
-    if locked != pinned:
-        raise ToolkitUnavailable(f"CUDA {row.cuda}: {lock.name} locks {locked}, ci/matrix.toml pins {pinned}: "
-                                 "update the lock (pip download the files, sha256 each)")
-    return lock
-
-
-def pypi_toolkit(row: Row, cache: Path, env: Mapping[str, str]) -> Toolkit | None:
+def pypi_toolkit(row: Row, cache: Path, env: Mapping[str, str]) -> Toolkit:
     """NVIDIA's PyPI wheels (13.x only: the cu11/cu12 wheels carry no nvcc) in a cached venv."""
     if row.pypi is None:
         raise Miss("the row has no [row.pypi] pins")
@@ -339,36 +297,7 @@ def pypi_toolkit(row: Row, cache: Path, env: Mapping[str, str]) -> Toolkit | Non
     )
 
 
-def _apt_options(base: Path) -> list[str]:
-    return [
-        "-o", f"Dir::Etc::SourceList={base / 'sources.list'}",
-        "-o", "Dir::Etc::SourceParts=/dev/null",
-        "-o", f"Dir::State::Lists={base / 'lists'}",
-        "-o", f"Dir::Cache={base / 'cache'}",
-        "-o", "Dir::State::status=/dev/null",
-        "-o", "Debug::NoLocking=1",
-        "-o", "APT::Get::List-Cleanup=0",
-    ]
-
-
-def _apt_download(cache: Path, suites: Sequence[str], wanted: Sequence[str], debs: Path,
-                  target: str) -> list[Path]:
-    """apt-get download `wanted` (NAME or NAME=VERSION) from the host's Debian mirror's `suites`, with a
-    private apt configuration under cache/apt (signed Release files checked); the .debs in `debs`."""
-    from .containers import host_debian_mirror
-
-    apt = cache / "apt" / "-".join(suites)
-    for p in (apt / "lists" / "partial", apt / "cache" / "archives" / "partial", debs):
-        p.mkdir(parents=True, exist_ok=True)
-    (apt / "sources.list").write_text(debian_sources_list(
-        host_debian_mirror(), list(suites), undated=[s for s in suites if s in ("sid", "unstable", "experimental")]))
-    opts = _apt_options(apt)
-    proc.run(["apt-get", *opts, "update", "-q"])
-    proc.run(["apt-get", *opts, "-t", target, "download", *wanted], cwd=debs)
-    return sorted(debs.glob("*.deb"))
-
-
-def debian_toolkit(row: Row, cache: Path, env: Mapping[str, str]) -> Toolkit | None:
+def debian_toolkit(row: Row, cache: Path, env: Mapping[str, str]) -> Toolkit:
     """Debian's non-free toolkit packages, downloaded and unpacked privately (no root needed)."""
     if row.debian is None:
         raise Miss("the row has no [row.debian] pins")
@@ -383,7 +312,7 @@ def debian_toolkit(row: Row, cache: Path, env: Mapping[str, str]) -> Toolkit | N
         suites = [d.suite] + ([d.extra_suite] if d.extra_suite else [])
         with proc.step(f"CUDA {row.cuda} from Debian {'+'.join(suites)} into {root}"):
             wanted = [f"{n}={v}" for n, v in sorted(d.packages.items())] + list(DEBIAN_EXTRA_PACKAGES)
-            debs = _apt_download(cache, suites, wanted, cache / "debs" / row.id, target=d.extra_suite or d.suite)
+            debs = apt_download(cache, suites, wanted, cache / "debs" / row.id, target=d.extra_suite or d.suite)
             shutil.rmtree(root, ignore_errors=True)
             root.mkdir(parents=True)
             for deb in debs:
@@ -453,7 +382,6 @@ def find_toolkit(
         except CommandError as e:
             misses.append(f"{name}: {str(e).splitlines()[0]}")
             continue
-        if tk is not None:
-            proc.log(f"CUDA {row.cuda}: toolkit {tk.source} {tk.version} at {tk.root}, host compiler {tk.host_compiler}")
-            return tk
+        proc.log(f"CUDA {row.cuda}: toolkit {tk.source} {tk.version} at {tk.root}, host compiler {tk.host_compiler}")
+        return tk
     raise ToolkitUnavailable(f"no host toolkit for CUDA {row.cuda}: " + " | ".join(misses))

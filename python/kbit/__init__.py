@@ -55,7 +55,11 @@ def _version() -> str:
         return dist_version("kbit")
     except PackageNotFoundError:
         return "0+unknown"
-    except Exception:  # broken metadata must not break import
+    except Exception as e:  # broken metadata must not break import, nor hide why the version is unknown
+        import warnings
+
+        warnings.warn(f"kbit's version is unknown: reading its distribution metadata failed "
+                      f"({type(e).__name__}: {e})", KbitWarning, stacklevel=3)
         return "0+unknown"
 
 

@@ -82,10 +82,6 @@ class Decision:
     """KBIT_CUDA_VERSION forced a library the checks say may not run here."""
 
     @property
-    def cuda(self) -> bool:
-        return self.backend == "cuda"
-
-    @property
     def warn(self) -> bool:
         """Worth one warning: the user loses something (a GPU is there, but CPU tensors' library is what
         GPU tensors get: none) or bypassed the checks (KBIT_LIBRARY, or a KBIT_CUDA_VERSION that may not

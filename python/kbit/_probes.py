@@ -9,21 +9,21 @@ The probes are:
     (device capabilities are read only if torch has initialised CUDA already);
   * `probe_driver()`: the NVIDIA driver through ctypes on libcuda.so.1 (cuInit, cuDriverGetVersion,
     cuDeviceGetCount, cuDeviceGetAttribute, cuDeviceGetName);
-  * `probe_manifest()`: the package's manifest.json, parsed by the pure `parse_manifest()`.
+and, from kbit._manifest (re-exported here, where the runtime has always found them), the package's
+manifest: `probe_manifest()` reads manifest.json, the pure `parse_manifest()` parses it.
 """
 
 from __future__ import annotations
 
 import ctypes
 import importlib.util
-import json
 import os
 import re
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Optional
 
+from ._manifest import MANIFEST_NAME, LibraryEntry, Manifest, parse_manifest, probe_manifest
 from ._versions import CudaVersion
 
 __all__ = [
@@ -43,8 +43,6 @@ __all__ = [
     "probe_torch",
 ]
 
-MANIFEST_NAME = "manifest.json"
-MANIFEST_SCHEMA = 1
 # The soname, then the path WSL2 mounts the Windows driver's library at.
 DRIVER_LIBRARIES = ("libcuda.so.1", "/usr/lib/wsl/lib/libcuda.so.1")
 
@@ -96,50 +94,8 @@ class DriverProbe:
     """The driver branch (550 for 550.54.15), from libcuda's file name or /proc/driver/nvidia/version;
     None when neither tells (e.g. WSL's unversioned libcuda.so.1). Only minor-version compatibility
     needs it, and the policy does not assume it when this is unknown."""
-
-
-@dataclass(frozen=True)
-class LibraryEntry:
-    """One bundled native library, as the manifest describes it."""
-
-    file: str
-    backend: str
-    """"cpu" or "cuda"."""
-    cuda: Optional[CudaVersion]
-    archs: tuple[str, ...]
-    """Compute capabilities with a cubin, e.g. ("80", "86", "90a")."""
-    ptx: tuple[str, ...]
-    """Compute capabilities with PTX, e.g. ("90",)."""
-    sha256: Optional[str] = None
-    size: Optional[int] = None
-    compiler: Optional[str] = None
-    toolkit: Optional[str] = None
-    """How the toolkit was obtained, one line (e.g. "12.4.131~12.4.1-2 from container:debian")."""
-
-
-@dataclass(frozen=True)
-class Manifest:
-    path: str
-    libraries: tuple[LibraryEntry, ...] = ()
-    kbit_version: Optional[str] = None
-    abi: Optional[int] = None
-    error: Optional[str] = None
-    """Why the manifest is unusable (missing, not JSON, wrong schema); None when it is fine."""
-    note: Optional[str] = None
-    """A line from the build for `python -m kbit` (a source build without a CUDA toolkit says how to get one)."""
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-    def entry(self, file: str) -> Optional[LibraryEntry]:
-        return next((e for e in self.libraries if e.file == file), None)
-
-    @property
-    def cuda_libraries(self) -> tuple[LibraryEntry, ...]:
-        """The CUDA libraries, lowest CUDA version first."""
-        libs = [e for e in self.libraries if e.backend == "cuda" and e.cuda is not None]
-        return tuple(sorted(libs, key=lambda e: e.cuda))  # type: ignore[arg-type,return-value]
+    branch_error: Optional[str] = None
+    """Why reading the branch failed (an unreadable /proc), when it did; `branch` is then None."""
 
 
 @dataclass(frozen=True)
@@ -206,8 +162,8 @@ def _cu_error(lib: Any, status: int) -> str:
         lib.cuGetErrorName.restype = ctypes.c_int
         if lib.cuGetErrorName(status, ctypes.byref(name)) == 0 and name.value:
             return f"{name.value.decode(errors='replace')} ({status})"
-    except Exception:  # an old driver without cuGetErrorName: the number alone still identifies it
-        pass
+    except Exception as e:  # an old driver without cuGetErrorName: the number alone still identifies it
+        return f"CUresult {status} (unnamed: {type(e).__name__}: {e})"
     return f"CUresult {status}"
 
 
@@ -293,95 +249,13 @@ def probe_driver(libraries: tuple[str, ...] = DRIVER_LIBRARIES) -> DriverProbe:
             probe = _query_driver(lib, path)
         except Exception as e:  # a driver missing an entry point: report it, never fail
             probe = DriverProbe(True, path, error=f"{type(e).__name__}: {e}")
+        branch_error = None
         try:
             branch = driver_branch()
-        except Exception:  # an odd /proc: the branch stays unknown, which the policy handles
-            branch = None
-        return DriverProbe(probe.found, probe.path, probe.version, probe.devices, probe.error, branch)
+        except Exception as e:  # an odd /proc: the branch stays unknown, which the policy handles
+            branch, branch_error = None, f"driver branch: {type(e).__name__}: {e}"
+        return DriverProbe(probe.found, probe.path, probe.version, probe.devices, probe.error, branch, branch_error)
     return DriverProbe(False, error="; ".join(tried))
-
-
-# --- manifest ------------------------------------------------------------------------------------
-
-
-def _str_tuple(value: Any, what: str) -> tuple[str, ...]:
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ValueError(f"{what} must be a list of strings")
-    return tuple(value)
-
-
-def _toolkit_line(toolkit: Any) -> Optional[str]:
-    if not isinstance(toolkit, dict):
-        return None
-    version, source = toolkit.get("version"), toolkit.get("source")
-    return " from ".join(str(x) for x in (version, source) if x) or None
-
-
-def _entry(raw: Any, index: int) -> LibraryEntry:
-    if not isinstance(raw, dict):
-        raise ValueError(f"libraries[{index}] is not an object")
-    file, backend = raw.get("file"), raw.get("backend")
-    if not isinstance(file, str) or "/" in file or not file:
-        raise ValueError(f"libraries[{index}].file must be a file name, got {file!r}")
-    if backend not in ("cpu", "cuda"):
-        raise ValueError(f"libraries[{index}].backend must be 'cpu' or 'cuda', got {backend!r}")
-    cuda = raw.get("cuda")
-    if backend == "cuda" and not isinstance(cuda, str):
-        raise ValueError(f"libraries[{index}] ({file}) is a CUDA library without a 'cuda' version")
-    size = raw.get("size")
-    return LibraryEntry(
-        file=file,
-        backend=backend,
-        cuda=CudaVersion.parse(cuda) if backend == "cuda" else None,
-        archs=_str_tuple(raw.get("archs", []), f"libraries[{index}].archs"),
-        ptx=_str_tuple(raw.get("ptx", []), f"libraries[{index}].ptx"),
-        sha256=raw.get("sha256") if isinstance(raw.get("sha256"), str) else None,
-        size=size if isinstance(size, int) else None,
-        compiler=raw.get("compiler") if isinstance(raw.get("compiler"), str) else None,
-        toolkit=_toolkit_line(raw.get("toolkit")),
-    )
-
-
-MANIFEST_MAX_BYTES = 1 << 20
-
-
-def parse_manifest(text: str, path: str = MANIFEST_NAME) -> Manifest:
-    """Parse manifest.json's text. Pure: a bad manifest gives a Manifest whose `error` says why."""
-    try:
-        raw = json.loads(text)
-        if not isinstance(raw, dict):
-            raise ValueError("the top level is not an object")
-        if raw.get("schema") != MANIFEST_SCHEMA:
-            raise ValueError(f"schema {raw.get('schema')!r} is not {MANIFEST_SCHEMA}: "
-                             "this kbit runtime does not match the libraries it was installed with")
-        libs = raw.get("libraries")
-        if not isinstance(libs, list):
-            raise ValueError("'libraries' is not a list")
-        entries = tuple(_entry(e, i) for i, e in enumerate(libs))
-        abi = raw.get("abi")
-        note = raw.get("note")
-        return Manifest(path, entries, raw.get("kbit_version"), abi if isinstance(abi, int) else None,
-                        note=note[:500] if isinstance(note, str) and note else None)
-    except (ValueError, RecursionError) as e:  # json.JSONDecodeError is a ValueError; RecursionError: nesting
-        return Manifest(path, error=f"{path} is corrupt ({type(e).__name__}: {str(e)[:200]}): reinstall kbit")
-
-
-def probe_manifest(package_dir: Path) -> Manifest:
-    path = package_dir / MANIFEST_NAME
-    try:
-        raw = path.read_bytes()
-        if len(raw) > MANIFEST_MAX_BYTES:
-            return Manifest(str(path), error=f"{path} is corrupt ({len(raw)} bytes; a manifest is a few KB): "
-                                             "reinstall kbit")
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        return Manifest(str(path), error=f"{path} is corrupt (not UTF-8: {e}): reinstall kbit")
-    except FileNotFoundError:
-        return Manifest(str(path), error=f"{path} is missing: reinstall kbit (pip install --force-reinstall kbit), "
-                                         "or in a source checkout build the libraries and write the manifest")
-    except OSError as e:
-        return Manifest(str(path), error=f"{path} cannot be read ({e})")
-    return parse_manifest(text, str(path))
 
 
 def probe_all() -> Probes:
