@@ -1,7 +1,7 @@
 """Mutation testing of the pure decision modules with mutmut (`nox -s mutate`).
 
 mutmut expects the code under ./ or ./src; kbit keeps it under python/ and ci/. So this script lays
-out a scratch tree (src/kbit, src/kbit_ci, tests/, ci/'s scripts, the project's pyproject.toml plus a
+out a scratch tree (src/kbit, src/ci, src/docker, tests/, the project's pyproject.toml plus a
 [tool.mutmut] section), runs `mutmut run` there, and judges the result: every mutant must be killed,
 or be listed in tests/mutation/survivors.toml with the reason it cannot or need not be killed. A
 survivor that is not listed, or a listed one that no longer survives, fails the run (the list stays
@@ -30,11 +30,12 @@ REPO = Path(__file__).resolve().parents[2]
 MUTATE = [
     "src/kbit/_policy.py",
     "src/kbit/_versions.py",
-    "src/kbit_ci/manifest.py",
-    "src/kbit_ci/matrix.py",
+    "src/kbit/_manifest.py",
+    "src/ci/kbit_ci/manifest.py",
+    "src/ci/kbit_ci/matrix.py",
 ]
-# _probes.py's parsers (the manifest, the driver branch) are pure; its functions that call into
-# libcuda through ctypes or import torch are left out here.
+# _probes.py's driver_branch is a parser of /proc files; its functions that call into libcuda through
+# ctypes or import torch are left out here.
 MUTATE_PROBES = "src/kbit/_probes.py"
 PROBES_IO = r"^def (probe_torch|_cu_error|_query_driver|probe_driver|probe_all)\b"
 _IO_MUTANT = re.compile(r"^kbit\._probes\.x_(probe_torch|_cu_error|_query_driver|probe_driver|probe_all)__mutmut_")
@@ -50,7 +51,7 @@ TESTS = [
     "tests/test_matrix.py",
     "tests/test_matrix_loader.py",
 ]
-TEST_SUPPORT = ["tests/conftest.py", "tests/machine.py", "tests/stub_libcuda"]
+TEST_SUPPORT = ["tests/conftest.py", "tests/machine.py", "tests/built_libraries.py", "tests/stub_libcuda"]
 
 SURVIVORS = REPO / "tests" / "mutation" / "survivors.toml"
 
@@ -84,19 +85,18 @@ def lay_out(work: Path, library: Path) -> None:
     _copy(REPO / "python" / "kbit", work / "src" / "kbit")
     shutil.copy2(library, work / "src" / "kbit" / "libkbit_cpu.so")
     shutil.copy2(REPO / "csrc" / "include" / "kbit.h", work / "src" / "kbit" / "kbit.h")  # the ABI table
-    _copy(REPO / "ci" / "kbit_ci", work / "src" / "kbit_ci")
-    # ci/'s scripts and data (the matrix, locks) without the package: the tests that put ci/ on
-    # sys.path must import the mutated src/kbit_ci, not a second, unmutated copy.
-    _copy(REPO / "ci", work / "ci")
-    shutil.rmtree(work / "ci" / "kbit_ci")
+    # The build tooling is the package `ci` (imported as ci.kbit_ci...); under src/ only, so the tests
+    # import the mutated copy. Its matrix names Dockerfiles relative to the tree ci/ sits in.
+    _copy(REPO / "ci", work / "src" / "ci")
+    _copy(REPO / "docker", work / "src" / "docker")
+    _copy(REPO / "docker", work / "docker")
     for name in (*TESTS, *TEST_SUPPORT):
         _copy(REPO / name, work / name)
-    _copy(REPO / "docker", work / "docker")
     config = {
         "source_paths": ["src"],
         "only_mutate": [*MUTATE, MUTATE_PROBES],
         "do_not_mutate_patterns": [PROBES_IO],
-        "also_copy": ["ci", "docker"],
+        "also_copy": ["docker"],
         "pytest_add_cli_args": ["-p", "no:cacheprovider", "-q", "-x"],
         "pytest_add_cli_args_test_selection": ["tests/"],
     }
@@ -117,7 +117,7 @@ def run_mutmut(work: Path, jobs: int) -> None:
     env = dict(os.environ)
     # Subprocesses the tests start (the CLI, the manifest writer) import the mutated tree too; mutmut
     # passes the mutant under test to them in the environment.
-    env["PYTHONPATH"] = os.pathsep.join([str(work / "mutants" / "src"), str(work / "mutants" / "ci")])
+    env["PYTHONPATH"] = str(work / "mutants" / "src")
     subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(jobs)], cwd=work, env=env,
                    check=True)
 
