@@ -203,11 +203,13 @@ def test_driver_branch_without_maps_reads_the_kernel_module(tmp_path: Path) -> N
 
 
 def test_driver_branch_reads_paths_with_spaces_and_odd_bytes(tmp_path: Path) -> None:
-    real = tmp_path / "my drivers" / "libcuda.so.550.54.15"
-    real.parent.mkdir()
+    real = tmp_path / "libcuda.so.550.54.15"
     real.write_bytes(b"")
+    link = tmp_path / "my drivers" / "libcuda.so.1"  # the mapped name: a link in a folder with a space
+    link.parent.mkdir()
+    link.symlink_to(real)
     maps = tmp_path / "maps"
-    maps.write_bytes(b"7f00-7f01 r-xp 00000000 08:01 42    " + str(real).encode() + b"\n"
+    maps.write_bytes(b"7f00-7f01 r-xp 00000000 08:01 42    " + str(link).encode() + b"\n"
                      b"7f02-7f03 r-xp 00000000 08:01 43    /opt/\xff\xfe/libfoo.so\n"
                      b"libcuda.so truncated line\n")
     assert driver_branch(str(maps), str(tmp_path / "absent")) == 550

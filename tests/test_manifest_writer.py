@@ -91,3 +91,46 @@ def test_build_records_are_read_for_their_library(tmp_path: Path, cpu_library: P
         write_manifest(tmp_path, "1.0", records)
     (records / "libkbit_cpu.json").write_text(json.dumps({"toolkit": {"source": "x"}}))
     assert write_manifest(tmp_path, "1.0", records)["libraries"][0]["toolkit"] is None  # a CPU library has none
+
+
+def cuda_build_info(real):
+    """kbit_build_info() as a CUDA library's says it: the CPU library's, with backend and CUDA changed."""
+    def fake(path: Path) -> dict:
+        info = real(path)
+        return {**info, "backend": "cuda", "cuda": "12.4.131"} if "cuda" in path.name else info
+    return fake
+
+
+def test_a_cuda_entry_takes_its_toolkit_from_the_build_record(tmp_path: Path, cpu_library: Path,
+                                                              monkeypatch) -> None:
+    import ci.kbit_ci.manifest as writer
+
+    monkeypatch.setattr(writer, "build_info", cuda_build_info(writer.build_info))
+    for name in ("libkbit_cpu.so", "libkbit_cuda124.so", "libkbit_cuda130.so"):
+        shutil.copy2(cpu_library, tmp_path / name)
+    records = tmp_path / "records"
+    records.mkdir()
+    toolkit = {"source": "container:debian", "version": "12.4.131~12.4.1-2", "image": "kbit-build:cu124"}
+    (records / "libkbit_cuda124.json").write_text(json.dumps({"toolkit": toolkit}))
+    libs = write_manifest(tmp_path, "1.0", records)["libraries"]
+    assert [(e["file"], e["backend"], e["cuda"], e["toolkit"]) for e in libs] == [
+        ("libkbit_cpu.so", "cpu", None, None),
+        ("libkbit_cuda124.so", "cuda", "12.4", toolkit),
+        ("libkbit_cuda130.so", "cuda", "13.0", {"source": "local", "version": "12.4.131"}),  # no record: local
+    ]
+    m = parse_manifest((tmp_path / "manifest.json").read_text())
+    assert [e.toolkit for e in m.cuda_libraries] == ["12.4.131~12.4.1-2 from container:debian", "12.4.131 from local"]
+
+
+def test_libraries_of_two_abi_versions_are_refused(tmp_path: Path, cpu_library: Path, monkeypatch) -> None:
+    import ci.kbit_ci.manifest as writer
+
+    real = writer.build_info
+    monkeypatch.setattr(writer, "build_info",
+                        lambda path: {**real(path), "abi": 99} if path.name == "libkbit_b.so" else real(path))
+    for name in ("libkbit_cpu.so", "libkbit_b.so"):
+        shutil.copy2(cpu_library, tmp_path / name)
+    abi = own_build_info(cpu_library)["abi"]
+    with pytest.raises(ValueError) as info:
+        write_manifest(tmp_path, "1.0")
+    assert str(info.value) == f"bundled libraries disagree on the ABI version: {sorted([abi, 99])}"

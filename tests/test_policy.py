@@ -472,6 +472,7 @@ def test_bad_manifest_is_reported() -> None:
         ((), ("103f",), (10, 0), False),
         ((), ("100",), (12, 0), True),  # plain PTX does
         (("sm_75",), ("compute_90",), (7, 5), True),
+        (("80a",), (), (8, 6), False),  # an arch-specific cubin: only its own device
         ((), ("90a",), (9, 0), True),  # arch-specific PTX: that device only
         ((), ("90a",), (9, 1), False),
         (("bogus", "80"), (), (8, 0), True),  # an arch kbit cannot read is skipped, never fatal

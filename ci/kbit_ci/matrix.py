@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -105,6 +106,9 @@ def _row(raw: dict, where: str) -> Row:
         dockerfile = str(raw["dockerfile"])
     except (KeyError, TypeError, ValueError) as e:
         raise MatrixError(f"{where}: {e!r}") from None
+    odd = [a for a in (*archs, ptx) if not re.fullmatch(r"\d{2,3}[af]?", a)]
+    if odd:
+        raise MatrixError(f"{where}: an arch is written like 90, 90a or 100f, not {', '.join(map(repr, odd))}")
     if list(archs) != sorted(archs, key=_arch_key) or len(set(archs)) != len(archs):
         raise MatrixError(f"{where}: archs must be unique and ascending: {archs}")
     if _arch_key(ptx) < _arch_key(archs[-1]):
