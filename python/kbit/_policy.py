@@ -33,7 +33,7 @@ from typing import Optional
 
 from ._drivers import MIN_DRIVER, MINOR_COMPAT_FLOOR
 from ._errors import KbitConfigError, KbitManifestError
-from ._probes import Device, LibraryEntry, Manifest, Probes
+from ._probes import Device, DriverProbe, LibraryEntry, Manifest, Probes
 from ._versions import CudaVersion, cpu_library_name
 
 __all__ = [
@@ -262,8 +262,7 @@ def select(probes: Probes, manifest: Manifest, env: Mapping[str, str]) -> Decisi
     if not manifest.ok:
         raise KbitManifestError(manifest.error)
     entries = manifest.cuda_libraries
-    bundled = [e.cuda for e in entries if e.cuda is not None]
-    forced = _forced_version(env, bundled)
+    forced = _forced_version(env, [e.cuda for e in entries if e.cuda is not None])
     devices = _devices(probes)
     gpu = bool(devices) or bool(probes.torch.device_count)
     cpu = cpu_library_name()
@@ -277,61 +276,73 @@ def select(probes: Probes, manifest: Manifest, env: Mapping[str, str]) -> Decisi
     if backend == "cpu":
         return Decision("cpu", cpu, False, "KBIT_BACKEND=cpu: using the CPU library only",
                         _reject_all(entries, "KBIT_BACKEND=cpu"), override="KBIT_BACKEND", gpu=gpu)
-
-    torch, driver = probes.torch, probes.driver
-    target = torch.cuda if torch.cuda is not None else driver.version
-
-    def cpu_decision(reason: str, candidates: tuple[Candidate, ...]) -> Decision:
-        if backend == "cuda":
-            raise KbitConfigError(f"KBIT_BACKEND=cuda but {reason}")
-        return Decision("cpu", cpu, False, reason, candidates, gpu=gpu)
-
     if forced is not None:
-        entry = next(e for e in entries if e.cuda == forced)
-        problem = _check(entry, driver.version, driver.branch, devices)
-        reason = f"KBIT_CUDA_VERSION={forced}: using {entry.file}"
-        if problem:
-            reason += f" although it may not run here ({problem})"
-        candidates = tuple(
-            Candidate(e.file, "taken", "KBIT_CUDA_VERSION") if e is entry
-            else Candidate(e.file, "rejected", f"KBIT_CUDA_VERSION={forced}")
-            for e in entries
-        )
-        return Decision("cuda", entry.file, forced == target, reason, candidates,
-                        override="KBIT_CUDA_VERSION", gpu=gpu, risky=problem is not None)
+        return _forced_decision(probes, entries, forced, devices, gpu)
+    fallback = _without_gpu(probes, devices, entries)
+    if fallback is None:
+        fallback = _ranked_decision(probes, entries, devices, gpu)
+    if isinstance(fallback, Decision):
+        return fallback
+    reason, candidates = fallback
+    if backend == "cuda":
+        raise KbitConfigError(f"KBIT_BACKEND=cuda but {reason}")
+    return Decision("cpu", cpu, False, reason, candidates, gpu=gpu)
 
+
+_CpuFallback = tuple[str, tuple[Candidate, ...]]
+"""Why CUDA tensors get no library (one line, with the fix), and each library's verdict."""
+
+
+def _forced_decision(probes: Probes, entries: tuple[LibraryEntry, ...], forced: CudaVersion,
+                     devices: tuple[Device, ...], gpu: bool) -> Decision:
+    """KBIT_CUDA_VERSION: that library, with a warning when the checks say it may not run here."""
+    torch, driver = probes.torch, probes.driver
+    entry = next(e for e in entries if e.cuda == forced)
+    problem = _check(entry, driver.version, driver.branch, devices)
+    reason = f"KBIT_CUDA_VERSION={forced}: using {entry.file}"
+    if problem:
+        reason += f" although it may not run here ({problem})"
+    candidates = tuple(
+        Candidate(e.file, "taken", "KBIT_CUDA_VERSION") if e is entry
+        else Candidate(e.file, "rejected", f"KBIT_CUDA_VERSION={forced}")
+        for e in entries
+    )
+    target = torch.cuda if torch.cuda is not None else driver.version
+    return Decision("cuda", entry.file, forced == target, reason, candidates,
+                    override="KBIT_CUDA_VERSION", gpu=gpu, risky=problem is not None)
+
+
+def _without_gpu(probes: Probes, devices: tuple[Device, ...],
+                 entries: tuple[LibraryEntry, ...]) -> Optional[_CpuFallback]:
+    """The CPU fallback when there is no CUDA GPU to judge libraries for (ROCm torch, no driver, no
+    device), or None."""
+    torch, driver = probes.torch, probes.driver
     if torch.hip is not None:
-        return cpu_decision(f"torch is a ROCm build (HIP {torch.hip}) and kbit bundles no ROCm library: "
-                            "using the CPU library for CPU tensors; GPU tensors are not supported",
-                            _reject_all(entries, "torch is a ROCm build"))
+        return (f"torch is a ROCm build (HIP {torch.hip}) and kbit bundles no ROCm library: "
+                "using the CPU library for CPU tensors; GPU tensors are not supported",
+                _reject_all(entries, "torch is a ROCm build"))
     if not driver.found:
         why = f" ({driver.error})" if driver.error else ""
-        return cpu_decision(f"no NVIDIA driver found{why}: using the CPU library; "
-                            "install the NVIDIA driver to use a GPU", _reject_all(entries, "no NVIDIA driver"))
+        return (f"no NVIDIA driver found{why}: using the CPU library; install the NVIDIA driver to use a GPU",
+                _reject_all(entries, "no NVIDIA driver"))
     if not devices:
         if driver.error:
-            return cpu_decision(f"the NVIDIA driver reports no usable device ({driver.error}): "
-                                "using the CPU library; check the driver (nvidia-smi) and CUDA_VISIBLE_DEVICES",
-                                _reject_all(entries, "no usable CUDA device"))
-        return cpu_decision("no CUDA device is visible: using the CPU library; "
-                            "check CUDA_VISIBLE_DEVICES and nvidia-smi", _reject_all(entries, "no CUDA device visible"))
-    assert target is not None  # the driver was found with devices, so its version is known
+            return (f"the NVIDIA driver reports no usable device ({driver.error}): "
+                    "using the CPU library; check the driver (nvidia-smi) and CUDA_VISIBLE_DEVICES",
+                    _reject_all(entries, "no usable CUDA device"))
+        return ("no CUDA device is visible: using the CPU library; check CUDA_VISIBLE_DEVICES and nvidia-smi",
+                _reject_all(entries, "no CUDA device visible"))
+    return None
 
-    usable: list[LibraryEntry] = []
-    via_compat: set[str] = set()
-    rejected: dict[str, str] = {}
-    for e in entries:
-        problem = _check(e, driver.version, driver.branch, devices)
-        if problem is not None:
-            rejected[e.file] = problem
-            continue
-        usable.append(e)
-        if _by_compat(e, driver.version):
-            via_compat.add(e.file)
-    # Torch's major first: its exact version, then the highest the driver runs natively, then the
-    # lowest above the driver by minor-version compatibility; then other majors (native first).
+
+def _rank(entries: tuple[LibraryEntry, ...], target: CudaVersion, via_compat: set[str],
+          rejected: Mapping[str, str]) -> list[LibraryEntry]:
+    """The usable libraries, best first. Torch's major first: its exact version, then the highest the
+    driver runs natively, then the lowest above the driver by minor-version compatibility; then other
+    majors (native first, highest first)."""
+    usable = [e for e in entries if e.file not in rejected]
     same = [e for e in usable if e.cuda is not None and e.cuda.major == target.major]
-    order = (
+    return (
         [e for e in same if e.cuda == target]
         + sorted((e for e in same if e.cuda != target and e.file not in via_compat),
                  key=lambda e: e.cuda, reverse=True)  # type: ignore[arg-type,return-value]
@@ -341,49 +352,61 @@ def select(probes: Probes, manifest: Manifest, env: Mapping[str, str]) -> Decisi
                  key=lambda e: (e.file not in via_compat, e.cuda), reverse=True)  # type: ignore[arg-type,return-value]
     )
 
+
+def _ranked_decision(probes: Probes, entries: tuple[LibraryEntry, ...], devices: tuple[Device, ...],
+                     gpu: bool) -> Decision | _CpuFallback:
+    """Every library judged for the visible GPUs; the best usable one, or why there is none."""
+    torch, driver = probes.torch, probes.driver
+    target = torch.cuda if torch.cuda is not None else driver.version
+    assert target is not None  # the driver was found with devices, so its version is known
+    rejected = {e.file: p for e in entries if (p := _check(e, driver.version, driver.branch, devices)) is not None}
+    via_compat = {e.file for e in entries if e.file not in rejected and _by_compat(e, driver.version)}
+    order = _rank(entries, target, via_compat, rejected)
     context = (f"torch CUDA {torch.cuda} with driver CUDA {driver.version}" if torch.cuda is not None
                else f"driver CUDA {driver.version}")
     if not order:
-        return cpu_decision(_no_library_reason(entries, target, context, driver.version, devices),
-                            tuple(Candidate(e.file, "rejected", rejected[e.file]) for e in entries))
-
+        return (_no_library_reason(entries, target, context, driver.version, devices),
+                tuple(Candidate(e.file, "rejected", rejected[e.file]) for e in entries))
     chosen = order[0]
+    why = _why_chosen(chosen, target, "torch" if torch.cuda is not None else "the driver", driver, via_compat)
+    candidates = tuple(
+        Candidate(e.file, "taken", why) if e is chosen
+        else Candidate(e.file, "rejected", rejected.get(e.file, f"usable, but {chosen.file} is preferred (a fallback)"))
+        for e in entries
+    )
     assert chosen.cuda is not None
-    is_exact = chosen.cuda == target
-    branch = f"driver {driver.branch}"  # known: minor-version compatibility is never assumed without it
-    if is_exact:
-        why = f"exact match of {'torch' if torch.cuda is not None else 'the driver'}'s CUDA {target}"
-        if chosen.file in via_compat:
-            why += (f", run by minor-version compatibility (driver CUDA {driver.version}, {branch} ≥ "
-                    f"{MINOR_COMPAT_FLOOR[chosen.cuda.major]}, every GPU has a cubin)")
-    elif chosen.cuda.major != target.major:
-        how = ("by minor-version compatibility" if chosen.file in via_compat
-               else f"≤ driver CUDA {driver.version}")
-        why = (f"cross-major: no bundled CUDA {target.major}.x runs here; CUDA {chosen.cuda} runs {how} "
-               f"(legal: kbit links its CUDA runtime statically)")
-    elif chosen.file in via_compat:
-        why = (f"minor-version compatibility: CUDA {chosen.cuda} > driver CUDA {driver.version}, {branch} ≥ "
-               f"{MINOR_COMPAT_FLOOR[chosen.cuda.major]}, and every GPU has a cubin")
-    else:
-        why = f"highest usable CUDA {target.major}.x ≤ driver CUDA {driver.version}"
-    candidates = []
-    for e in entries:
-        if e is chosen:
-            candidates.append(Candidate(e.file, "taken", why))
-        elif e.file in rejected:
-            candidates.append(Candidate(e.file, "rejected", rejected[e.file]))
-        else:
-            candidates.append(Candidate(e.file, "rejected", f"usable, but {chosen.file} is preferred (a fallback)"))
     gpus = ", ".join(sorted({d.sm for d in devices}))
-    if is_exact:
+    if chosen.cuda == target:
         reason = f"using {chosen.file}: {why} ({context}; GPUs {gpus})"
     elif chosen.cuda.major == target.major and chosen.file not in via_compat:
         reason = (f"using {chosen.file}: no bundled CUDA {target} library, CUDA {chosen.cuda} is the highest "
                   f"bundled {target.major}.x that runs on {context} (GPUs {gpus})")
     else:
         reason = f"using {chosen.file}: no bundled CUDA {target} library; {why} ({context}; GPUs {gpus})"
-    return Decision("cuda", chosen.file, is_exact, reason, tuple(candidates),
+    return Decision("cuda", chosen.file, chosen.cuda == target, reason, candidates,
                     tuple(e.file for e in order[1:]), gpu=gpu)
+
+
+def _why_chosen(chosen: LibraryEntry, target: CudaVersion, whose: str, driver: DriverProbe,
+                via_compat: set[str]) -> str:
+    """The chosen library's verdict: an exact match, the same major's best, or another major's."""
+    assert chosen.cuda is not None
+    branch = f"driver {driver.branch}"  # known: minor-version compatibility is never assumed without it
+    if chosen.cuda == target:
+        why = f"exact match of {whose}'s CUDA {target}"
+        if chosen.file in via_compat:
+            why += (f", run by minor-version compatibility (driver CUDA {driver.version}, {branch} ≥ "
+                    f"{MINOR_COMPAT_FLOOR[chosen.cuda.major]}, every GPU has a cubin)")
+        return why
+    if chosen.cuda.major != target.major:
+        how = ("by minor-version compatibility" if chosen.file in via_compat
+               else f"≤ driver CUDA {driver.version}")
+        return (f"cross-major: no bundled CUDA {target.major}.x runs here; CUDA {chosen.cuda} runs {how} "
+                f"(legal: kbit links its CUDA runtime statically)")
+    if chosen.file in via_compat:
+        return (f"minor-version compatibility: CUDA {chosen.cuda} > driver CUDA {driver.version}, {branch} ≥ "
+                f"{MINOR_COMPAT_FLOOR[chosen.cuda.major]}, and every GPU has a cubin")
+    return f"highest usable CUDA {target.major}.x ≤ driver CUDA {driver.version}"
 
 
 def _no_library_reason(entries: tuple[LibraryEntry, ...], target: CudaVersion,
