@@ -164,7 +164,8 @@ MUTATE_DEPS = ["mutmut==3.8.1", "pytest>=8", "hypothesis>=6"]
 def mutate(session: nox.Session) -> None:
     """Mutation testing of the pure decision modules (the policy, the probes' parsers, CUDA versions, the
     manifest writer, the matrix loader) with mutmut, in build/mutate/: fails on a mutant that survives
-    and is not justified in tests/mutation/survivors.toml. Needs no build; ~10 min on 2 cores.
+    and is not justified in tests/mutation/survivors.toml. No wheel needed (it builds the CPU library with
+    cmake for the manifest writer's tests); ~12 min on 2 cores.
     `nox -s mutate -- --jobs 4`; `-- --no-run` judges the last run again."""
     session.install(*MUTATE_DEPS)
     session.run("python", "tests/mutation/mutate.py", *session.posargs)

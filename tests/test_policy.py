@@ -413,6 +413,14 @@ CASES = [
          whys={
              'libkbit_cuda124.so': 'taken: KBIT_CUDA_VERSION',
          }),
+    # A CPU-only torch: the driver's CUDA is the target, so a forced library of that version is exact.
+    Case("cuda-version-forced-to-the-driver-s", probes(None, "12.4"), manifest("12.4", "13.0"),
+         env={"KBIT_CUDA_VERSION": "124"}, file="libkbit_cuda124.so", exact=True, override="KBIT_CUDA_VERSION",
+         line="KBIT_CUDA_VERSION=12.4: using libkbit_cuda124.so",
+         whys={
+             "libkbit_cuda124.so": "taken: KBIT_CUDA_VERSION",
+             "libkbit_cuda130.so": "rejected: KBIT_CUDA_VERSION=12.4",
+         }),
 ]
 
 
