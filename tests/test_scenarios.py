@@ -100,7 +100,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Env:
     full = root / "full" / "kbit"
     full.mkdir(parents=True)
     for f in package.iterdir():
-        if f.suffix in (".py", ".typed") or f.name == "libkbit_cpu.so":
+        if f.suffix in (".py", ".typed") or f.name in ("libkbit_cpu.so", "kbit.h"):
             shutil.copy2(f, full / f.name)
     for lib in libs:
         shutil.copy2(lib, full / lib.name)
