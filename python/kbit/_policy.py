@@ -293,10 +293,15 @@ _CpuFallback = tuple[str, tuple[Candidate, ...]]
 """Why CUDA tensors get no library (one line, with the fix), and each library's verdict."""
 
 
+def _target(probes: Probes) -> Optional[CudaVersion]:
+    """The CUDA version a library should match: torch's, else the driver's (None when neither is known)."""
+    return probes.torch.cuda if probes.torch.cuda is not None else probes.driver.version
+
+
 def _forced_decision(probes: Probes, entries: tuple[LibraryEntry, ...], forced: CudaVersion,
                      devices: tuple[Device, ...], gpu: bool) -> Decision:
     """KBIT_CUDA_VERSION: that library, with a warning when the checks say it may not run here."""
-    torch, driver = probes.torch, probes.driver
+    driver = probes.driver
     entry = next(e for e in entries if e.cuda == forced)
     problem = _check(entry, driver.version, driver.branch, devices)
     reason = f"KBIT_CUDA_VERSION={forced}: using {entry.file}"
@@ -307,7 +312,7 @@ def _forced_decision(probes: Probes, entries: tuple[LibraryEntry, ...], forced: 
         else Candidate(e.file, "rejected", f"KBIT_CUDA_VERSION={forced}")
         for e in entries
     )
-    target = torch.cuda if torch.cuda is not None else driver.version
+    target = _target(probes)
     return Decision("cuda", entry.file, forced == target, reason, candidates,
                     override="KBIT_CUDA_VERSION", gpu=gpu, risky=problem is not None)
 
@@ -357,7 +362,7 @@ def _ranked_decision(probes: Probes, entries: tuple[LibraryEntry, ...], devices:
                      gpu: bool) -> Decision | _CpuFallback:
     """Every library judged for the visible GPUs; the best usable one, or why there is none."""
     torch, driver = probes.torch, probes.driver
-    target = torch.cuda if torch.cuda is not None else driver.version
+    target = _target(probes)
     assert target is not None  # the driver was found with devices, so its version is known
     rejected = {e.file: p for e in entries if (p := _check(e, driver.version, driver.branch, devices)) is not None}
     via_compat = {e.file for e in entries if e.file not in rejected and _by_compat(e, driver.version)}
