@@ -9,11 +9,15 @@ reason, so a test skips the cases that need it and says which library to rebuild
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
-__all__ = ["STAGE", "cuda_libraries"]
+__all__ = ["STAGE", "copy_package", "cuda_libraries"]
 
-STAGE = Path(__file__).resolve().parents[1] / "build" / "stage"
+REPO = Path(__file__).resolve().parents[1]
+STAGE = REPO / "build" / "stage"
 
 
 def cuda_libraries(package: Path) -> tuple[list[Path], dict[str, str]]:
@@ -33,3 +37,19 @@ def cuda_libraries(package: Path) -> tuple[list[Path], dict[str, str]]:
         else:
             usable.append(lib)
     return usable, left_out
+
+
+def copy_package(source: Path, dest: Path, libraries: list[Path]) -> None:
+    """A copy of the kbit package in `dest`: its Python files, the CPU library and kbit.h (the ABI
+    table) from `source`, the given CUDA libraries, and a manifest the build's writer makes for them
+    (with build/stage's build records where the libraries came from there)."""
+    dest.mkdir(parents=True)
+    for f in source.iterdir():
+        if f.suffix in (".py", ".typed") or f.name in ("libkbit_cpu.so", "kbit.h"):
+            shutil.copy2(f, dest / f.name)
+    for lib in libraries:
+        shutil.copy2(lib, dest / lib.name)
+    cmd = [sys.executable, "-m", "ci.write_manifest", str(dest), "0.1.0"]
+    if libraries and any(STAGE.glob("libkbit_cuda*.json")):
+        cmd.append(str(STAGE))
+    subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO)

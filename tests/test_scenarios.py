@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Optional
 
 import pytest
-from built_libraries import STAGE, cuda_libraries
+from built_libraries import STAGE, copy_package, cuda_libraries
 from kbit import KbitConfigError
 from kbit._policy import select
 from kbit._probes import Device, DriverProbe, LibraryEntry, Manifest, Probes, TorchProbe
@@ -98,16 +98,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Env:
     subprocess.run([cc, "-shared", "-fPIC", "-O1", "-o", str(stub / "libcuda.so"), str(STUB_SOURCE)],
                    check=True, capture_output=True, text=True)
     full = root / "full" / "kbit"
-    full.mkdir(parents=True)
-    for f in package.iterdir():
-        if f.suffix in (".py", ".typed") or f.name in ("libkbit_cpu.so", "kbit.h"):
-            shutil.copy2(f, full / f.name)
-    for lib in libs:
-        shutil.copy2(lib, full / lib.name)
-    cmd = [sys.executable, "-m", "ci.write_manifest", str(full), "0.1.0"]
-    if libs and any(STAGE.glob("libkbit_cuda*.json")):
-        cmd.append(str(STAGE))
-    subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO)
+    copy_package(package, full, libs)
     manifest = json.loads((full / "manifest.json").read_text())
     torch_dir = root / "faketorch" / "torch"
     torch_dir.mkdir(parents=True)

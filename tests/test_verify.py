@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from built_libraries import STAGE, cuda_libraries
+from built_libraries import copy_package, cuda_libraries
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,17 +28,7 @@ def package(tmp_path: Path) -> Path:
     else build/stage's current ones, see built_libraries), and a manifest written for them."""
     source = _source_package()
     pkg = tmp_path / "kbit"
-    pkg.mkdir()
-    for f in source.iterdir():
-        if f.suffix in (".py", ".typed") or f.name in ("libkbit_cpu.so", "kbit.h"):
-            shutil.copy2(f, pkg / f.name)
-    cuda, _ = cuda_libraries(source)
-    for lib in cuda:
-        shutil.copy2(lib, pkg / lib.name)
-    cmd = [sys.executable, "-m", "ci.write_manifest", str(pkg), "0.1.0"]
-    if cuda and any(STAGE.glob("libkbit_cuda*.json")):
-        cmd.append(str(STAGE))
-    subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO)
+    copy_package(source, pkg, cuda_libraries(source)[0])
     return pkg
 
 
