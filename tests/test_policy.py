@@ -531,9 +531,10 @@ BAD_CPU_SETTINGS = [
     ({"KBIT_NUM_THREADS": "4.0"}, "KBIT_NUM_THREADS='4.0' is not a thread count"),
     ({"KBIT_NUM_THREADS": " two"}, "KBIT_NUM_THREADS=' two' is not a thread count"),
     ({"KBIT_CPU_SIMD": "AVX2"}, "KBIT_CPU_SIMD='AVX2' is not 0 (portable loops only), avx2 (AVX2 kernels, no "
-                                "AVX-512) or 1 (every SIMD kernel the CPU has, the default): set one, or unset it"),
+                                "AVX-512), avx512 (AVX-512 without VBMI) or 1 (every SIMD kernel the CPU has, the "
+                                "default): set one, or unset it"),
     ({"KBIT_CPU_SIMD": " 1"}, "KBIT_CPU_SIMD=' 1' is not 0"),
-    ({"KBIT_CPU_SIMD": "avx512"}, "KBIT_CPU_SIMD='avx512' is not 0"),
+    ({"KBIT_CPU_SIMD": "AVX512"}, "KBIT_CPU_SIMD='AVX512' is not 0"),
     ({"KBIT_BACKEND": "gpu"}, "KBIT_BACKEND='gpu' is not one of auto, cpu, cuda: set one of those, or unset it"),
     ({"KBIT_CUDA_VERSION": "12.5"}, "KBIT_CUDA_VERSION='12.5': CUDA 12.5 is not bundled (bundled: 11.8, 12.4; set "
                                     "one of those); unset it, or build from source with `nox -s build -- --cuda 12.5`"),

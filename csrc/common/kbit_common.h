@@ -73,6 +73,7 @@ inline const char* kbit_own_status_string(int status) {
     case KBIT_ERR_INTERNAL: return "internal error in kbit (please report it)";
     case KBIT_ERR_UNSUPPORTED_QUANT_TYPE: return "unsupported 4-bit quant type (needs KBIT_QUANT_FP4 or KBIT_QUANT_NF4)";
     case KBIT_ERR_OUT_OF_MEMORY: return "out of memory (a work buffer could not be allocated)";
+    case KBIT_ERR_NOT_IN_THIS_LIBRARY: return "not available in this library (the CPU library has it)";
     default: return NULL;
   }
 }

@@ -25,13 +25,19 @@ inline void record_path(const char* path) { tls_last_path = path; }
 /* SIMD levels, in order. */
 enum SimdLevel : unsigned { kSimdNone = 0, kSimdAvx2 = 1, kSimdAvx512 = 2 };
 
-/* The highest level KBIT_CPU_SIMD allows: "0" none, "avx2" AVX2, anything else (unset, "1") all. */
+/* The highest level KBIT_CPU_SIMD allows: "0" none, "avx2" AVX2, anything else (unset, "1", "avx512")
+ * all. "avx512" leaves out AVX-512-VBMI (a Cooper Lake's AVX-512: its kernels run on later CPUs). */
 inline unsigned simd_cap() {
   const char* env = getenv("KBIT_CPU_SIMD");
   if (env == NULL) return kSimdAvx512;
   if (strcmp(env, "0") == 0) return kSimdNone;
   if (strcmp(env, "avx2") == 0) return kSimdAvx2;
   return kSimdAvx512;
+}
+
+inline bool vbmi_allowed() {
+  const char* env = getenv("KBIT_CPU_SIMD");
+  return env == NULL || strcmp(env, "avx512") != 0;
 }
 
 inline bool simd_allowed() { return simd_cap() != kSimdNone; }
@@ -63,7 +69,7 @@ inline bool avx2_usable(bool fma) {
   return fma ? (f & 2u) != 0 : (f & 1u) != 0;
 }
 
-/* CPUID bits of AVX-512 F/BW/VL (1) and BF16 (2), and whether the OS saves the opmask and ZMM
+/* CPUID bits of AVX-512 F/BW/VL (1), BF16 (2) and VBMI (8), and whether the OS saves the opmask and ZMM
  * registers (XCR0 bits 5-7, with XMM and YMM). */
 inline unsigned read_avx512_features() {
   unsigned a, b, c, d;
@@ -75,9 +81,10 @@ inline unsigned read_avx512_features() {
   const bool f = (b >> 16) & 1u, bw = (b >> 30) & 1u, vl = (b >> 31) & 1u;
   if (!(f && bw && vl)) return 0;
   const unsigned max_sub = a;
+  const bool vbmi = (c >> 1) & 1u;
   bool bf16 = false;
   if (max_sub >= 1 && __get_cpuid_count(7, 1, &a, &b, &c, &d)) bf16 = (a >> 5) & 1u;
-  return 1u | (bf16 ? 2u : 0u);
+  return 1u | (bf16 ? 2u : 0u) | (vbmi ? 8u : 0u);
 }
 
 inline unsigned avx512_features() {
@@ -97,6 +104,11 @@ inline unsigned simd_level() {
 
 /* AVX-512-BF16 (vdpbf16ps, vcvtne2ps2bf16) usable: the CPU has it and AVX-512 is allowed. */
 inline bool avx512_bf16_usable() { return simd_level() >= kSimdAvx512 && (avx512_features() & 2u) != 0; }
+
+/* AVX-512-VBMI (vpmultishiftqb) usable: the CPU has it, AVX-512 is allowed and KBIT_CPU_SIMD is not "avx512". */
+inline bool avx512_vbmi_usable() {
+  return simd_level() >= kSimdAvx512 && (avx512_features() & 8u) != 0 && vbmi_allowed();
+}
 #endif
 
 }  // namespace cpu

@@ -194,6 +194,17 @@ KBIT_API int kbit_abi_version(void) { return KBIT_ABI_VERSION; }
 /* The CUDA library records no kernel path (kbit.h). */
 KBIT_API const char* kbit_last_path(void) { return ""; }
 
+/* The tiled layout is the CPU's (kbit.h): every library exports it, the CUDA ones refuse it. */
+KBIT_API kbit_status kbit_repack_4bit_tiled(const uint8_t*, const float*, uint8_t*, float*, int64_t, int64_t,
+                                            int32_t) {
+  return KBIT_ERR_NOT_IN_THIS_LIBRARY;
+}
+
+KBIT_API kbit_status kbit_matmul_4bit_tiled(int, int, const void*, const uint8_t*, const float*, const void*, void*,
+                                            int64_t, int64_t, int64_t, int32_t, void*) {
+  return KBIT_ERR_NOT_IN_THIS_LIBRARY;
+}
+
 KBIT_API const char* kbit_status_string(int status) {
   const char* s = kbit_own_status_string(status);
   if (s != NULL) return s;

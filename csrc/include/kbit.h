@@ -33,7 +33,7 @@
 extern "C" {
 #endif
 
-#define KBIT_ABI_VERSION 4
+#define KBIT_ABI_VERSION 5
 
 /* The status of a call: KBIT_OK or one of the codes below. */
 typedef int kbit_status;
@@ -47,6 +47,7 @@ typedef int kbit_status;
 #define KBIT_ERR_INTERNAL 5             /* a bug in kbit: please report it */
 #define KBIT_ERR_UNSUPPORTED_QUANT_TYPE 6 /* quant_type is not one of KBIT_QUANT_* */
 #define KBIT_ERR_OUT_OF_MEMORY 7        /* a work buffer could not be allocated */
+#define KBIT_ERR_NOT_IN_THIS_LIBRARY 8  /* a CPU-only function called in a CUDA library */
 #define KBIT_STATUS_CUDA_BASE 1000      /* KBIT_STATUS_CUDA_BASE + cudaError_t */
 
 /* Element types of floating point inputs and outputs. */
@@ -94,6 +95,8 @@ KBIT_API const char* kbit_status_string(int status);
  *   kbit_matmul_4bit              "avx512bf16" (bfloat16 and AVX-512-BF16), "avx512", "avx2" (AVX2 + FMA)
  *                                 or "portable", with "-direct" for the AVX-512 kernels of up to 4 rows
  *                                 (blocks not straddling rows; avx512bf16 also needs k_in % 64 == 0)
+ *   kbit_matmul_4bit_tiled        "avx512bf16" (bfloat16 and AVX-512-BF16), "avx512", "avx2" (AVX2 + FMA)
+ *                                 or "portable"
  *   kbit_adam_8bit_blockwise      "portable"
  * The CUDA libraries record no path: always "".
  */
@@ -187,6 +190,36 @@ KBIT_API kbit_status kbit_gemv_4bit(int dtype, int quant_type, const void* A, co
 KBIT_API kbit_status kbit_matmul_4bit(int dtype, int quant_type, const void* A, const uint8_t* packed,
                                       const float* absmax, const void* bias, void* out, int64_t m_rows,
                                       int64_t n_out, int64_t k_in, int32_t blocksize, void* stream);
+
+/*
+ * The CPU layout of a 4-bit weight ("tiled"), for the CPU's fastest matmul. W as for kbit_gemv_4bit,
+ * with k_in a multiple of blocksize (so k_in is even and every row starts a block). The output columns
+ * (rows of W) form groups of KBIT_TILED4_GROUP; group g holds columns j = g * 64 + c, c < 64, the
+ * columns past n_out padded with code 0 and scale 0:
+ *   tiled[(g * k_in/2 + p) * 64 + c]: the codes of W[j][2p] (low nibble) and W[j][2p + 1] (high nibble),
+ *   scales[(g * k_in/blocksize + b) * 64 + c]: the absmax of row j's block b (absmax[j * k_in/blocksize + b]).
+ * tiled holds ceil(n_out / 64) * 32 * k_in bytes, scales ceil(n_out / 64) * 64 * (k_in / blocksize)
+ * floats. kbit_repack_4bit_tiled writes them from packed and the float32 absmax (a pure permutation:
+ * nothing is rounded); KBIT_ERR_INVALID_ARGUMENT when k_in % blocksize != 0. CPU only: the CUDA
+ * libraries return KBIT_ERR_NOT_IN_THIS_LIBRARY.
+ */
+#define KBIT_TILED4_GROUP 64
+KBIT_API kbit_status kbit_repack_4bit_tiled(const uint8_t* packed, const float* absmax, uint8_t* tiled,
+                                            float* scales, int64_t n_out, int64_t k_in, int32_t blocksize);
+
+/*
+ * kbit_matmul_4bit on the tiled layout: out[i][j] = sum_k A[i][k] * W'[j][k] (+ bias[j]) for m_rows rows
+ * of A (m_rows x k_in values of dtype), accumulated in float32 in an order that depends neither on the
+ * thread count nor on m_rows, rounded once to dtype. float32 and float16 use W' exactly. For bfloat16
+ * on AVX-512-BF16 the codebook is rounded to bfloat16 (round to nearest even), the products with A
+ * are summed per block in float32 (vdpbf16ps: subnormal inputs and sums flushed to 0) and each
+ * block's sum is multiplied by its float32 absmax. Reads the weight once per 16 rows of A. out must
+ * not overlap the inputs; m_rows = 0 or n_out = 0 does nothing; k_in = 0 writes bias (or 0).
+ * KBIT_ERR_OUT_OF_MEMORY: the float32 copy of a float16/bfloat16 A could not be allocated. CPU only.
+ */
+KBIT_API kbit_status kbit_matmul_4bit_tiled(int dtype, int quant_type, const void* A, const uint8_t* tiled,
+                                            const float* scales, const void* bias, void* out, int64_t m_rows,
+                                            int64_t n_out, int64_t k_in, int32_t blocksize, void* stream);
 
 /* Block of the 8-bit optimizers: one absmax per KBIT_OPTIM8_BLOCKSIZE values of each state. */
 #define KBIT_OPTIM8_BLOCKSIZE 256

@@ -447,6 +447,101 @@ torch.library.register_autograd("kbit::matmul_4bit", _linear_backward, setup_con
 torch.library.register_autograd("kbit::gemv_4bit", _linear_backward, setup_context=_gemv_setup_context, lib=_LIB)
 
 
+# --- the CPU's tiled 4-bit layout (kbit.h: kbit_repack_4bit_tiled) ---------------------------------------
+
+TILED_GROUP = 64  # kbit.h's KBIT_TILED4_GROUP: output columns per group
+
+
+def tiled_sizes(n_out: Any, k_in: Any, blocksize: int) -> tuple[Any, Any]:
+    """Bytes of the tiled codes and floats of its scales for an (n_out, k_in) weight."""
+    groups = (n_out + TILED_GROUP - 1) // TILED_GROUP
+    return groups * 32 * k_in, groups * TILED_GROUP * (k_in // blocksize)
+
+
+def _check_tiled_shape(n_out: Any, k_in: Any, blocksize: int) -> None:
+    _count(n_out, "n_out")
+    _count(k_in, "k_in")
+    _blocksize(blocksize, 32)
+    if k_in % blocksize:
+        raise ValueError(f"the tiled layout needs k_in to be a multiple of blocksize, got k_in {k_in} and "
+                         f"blocksize {blocksize}")
+
+
+def _cpu_only(t: torch.Tensor, name: str) -> None:
+    if t.device.type != "cpu":
+        raise ValueError(f"the tiled 4-bit layout is the CPU's: {name} is on {t.device}; on CUDA use "
+                         "kbit::matmul_4bit with the packed weight")
+
+
+def _check_repack_4bit_tiled(packed: torch.Tensor, absmax: torch.Tensor, n_out: Any, k_in: Any,
+                             blocksize: int) -> None:
+    _check_tiled_shape(n_out, k_in, blocksize)
+    _check(packed, "packed", packed.device if isinstance(packed, torch.Tensor) else None, _U8,
+           (n_out * k_in + 1) // 2)
+    _cpu_only(packed, "packed")
+    _check(absmax, "absmax", packed.device, _F32, _blocks(n_out * k_in, blocksize))
+
+
+@_define("repack_4bit_tiled(Tensor packed, Tensor absmax, SymInt n_out, SymInt k_in, int blocksize) "
+         "-> (Tensor, Tensor)")
+def repack_4bit_tiled(packed: torch.Tensor, absmax: torch.Tensor, n_out: int, k_in: int,
+                      blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tiled layout (codes, scales) of an (n_out, k_in) weight quantized flat with a float32 absmax."""
+    _check_repack_4bit_tiled(packed, absmax, n_out, k_in, blocksize)
+    nbytes, nscales = tiled_sizes(n_out, k_in, blocksize)
+    tiled = torch.empty(nbytes, dtype=torch.uint8)
+    scales = torch.empty(nscales, dtype=torch.float32)
+    _library(packed.device).repack_4bit_tiled(packed.data_ptr(), absmax.data_ptr(), tiled.data_ptr(),
+                                            scales.data_ptr(), n_out, k_in, blocksize)
+    return tiled, scales
+
+
+@_fake("repack_4bit_tiled")
+def _(packed: torch.Tensor, absmax: torch.Tensor, n_out: int, k_in: int,
+      blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_repack_4bit_tiled(packed, absmax, n_out, k_in, blocksize)
+    nbytes, nscales = tiled_sizes(n_out, k_in, blocksize)
+    return packed.new_empty(nbytes), absmax.new_empty(nscales)
+
+
+def _check_matmul_4bit_tiled(A: torch.Tensor, tiled: torch.Tensor, scales: torch.Tensor,
+                             bias: Optional[torch.Tensor], n_out: Any, k_in: Any, blocksize: int,
+                             quant_type: str) -> None:
+    _check_tiled_shape(n_out, k_in, blocksize)
+    _quant_type(quant_type)
+    _check(A, "A", A.device if isinstance(A, torch.Tensor) else None, _FLOATS)
+    _cpu_only(A, "A")
+    if A.dim() == 0 or A.shape[-1] != k_in:
+        raise ValueError(f"A must have shape (..., {k_in}), got {tuple(A.shape)}")
+    nbytes, nscales = tiled_sizes(n_out, k_in, blocksize)
+    _check(tiled, "tiled", A.device, _U8, nbytes)
+    _check(scales, "scales", A.device, _F32, nscales)
+    if bias is not None:
+        _check(bias, "bias", A.device, (A.dtype,), n_out)
+
+
+@_define("matmul_4bit_tiled(Tensor A, Tensor tiled, Tensor scales, Tensor? bias, SymInt n_out, SymInt k_in, "
+         "int blocksize, str quant_type) -> Tensor")
+def matmul_4bit_tiled(A: torch.Tensor, tiled: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor],
+                      n_out: int, k_in: int, blocksize: int, quant_type: str) -> torch.Tensor:
+    """out = A W'^T (+ bias) with W in the CPU's tiled layout (not differentiable: Linear4bit uses it
+    when no gradient is wanted)."""
+    _check_matmul_4bit_tiled(A, tiled, scales, bias, n_out, k_in, blocksize, quant_type)
+    out = torch.empty((*A.shape[:-1], n_out), dtype=A.dtype)
+    _library(A.device).matmul_4bit_tiled(_float_dtype(A.dtype, "A"), _quant_type(quant_type), A.data_ptr(),
+                                            tiled.data_ptr(), scales.data_ptr(),
+                                            None if bias is None else bias.data_ptr(), out.data_ptr(),
+                                            math.prod(A.shape[:-1]), n_out, k_in, blocksize, None)
+    return out
+
+
+@_fake("matmul_4bit_tiled")
+def _(A: torch.Tensor, tiled: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor], n_out: int,
+      k_in: int, blocksize: int, quant_type: str) -> torch.Tensor:
+    _check_matmul_4bit_tiled(A, tiled, scales, bias, n_out, k_in, blocksize, quant_type)
+    return A.new_empty((*A.shape[:-1], n_out))
+
+
 # --- 8-bit Adam ---------------------------------------------------------------------------------------
 
 

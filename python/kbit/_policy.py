@@ -231,7 +231,7 @@ MAX_CPU_THREADS = 256
 
 
 def _cpu_settings(env: Mapping[str, str]) -> None:
-    """KBIT_NUM_THREADS (a count in [1, 256]) and KBIT_CPU_SIMD ("0", "avx2" or "1"), which the CPU library
+    """KBIT_NUM_THREADS (a count in [1, 256]) and KBIT_CPU_SIMD ("0", "avx2", "avx512" or "1"), which the CPU library
     reads itself; a value it would silently ignore is a KbitConfigError here."""
     threads = env.get("KBIT_NUM_THREADS", "").strip()
     if threads and not (threads.isdigit() and 1 <= int(threads) <= MAX_CPU_THREADS):
@@ -239,9 +239,10 @@ def _cpu_settings(env: Mapping[str, str]) -> None:
                               f"[1, {MAX_CPU_THREADS}]: set one, or unset it (the default: every CPU this "
                               "process may run on)")
     simd = env.get("KBIT_CPU_SIMD")
-    if simd and simd not in ("0", "avx2", "1"):  # exactly as the library compares them
+    if simd and simd not in ("0", "avx2", "avx512", "1"):  # exactly as the library compares them
         raise KbitConfigError(f"KBIT_CPU_SIMD={simd!r} is not 0 (portable loops only), avx2 (AVX2 kernels, "
-                              "no AVX-512) or 1 (every SIMD kernel the CPU has, the default): set one, or unset it")
+                              "no AVX-512), avx512 (AVX-512 without VBMI) or 1 (every SIMD kernel the CPU has, "
+                              "the default): set one, or unset it")
 
 
 def check_overrides(manifest: Manifest, env: Mapping[str, str]) -> None:

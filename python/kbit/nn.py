@@ -97,14 +97,23 @@ class Linear4bit(nn.Module):
     device=None it keeps a float weight (nn.Linear's initialisation) until then; with device="meta"
     it allocates nothing, for load_state_dict to fill.
 
-    forward: on the CPU, any number of rows runs the fused 4-bit matmul (kbit.functional.matmul_4bit:
-    the packed weight read once per call, W never materialized; for bfloat16 compute on AVX-512-BF16
-    CPUs W' is rounded to bfloat16 first, as a bfloat16 matmul of the dequantized weight does). On
+    forward: on the CPU, any number of rows runs a fused 4-bit matmul, W never materialized. Without
+    gradients (eval, torch.no_grad(), inference_mode) and with in_features a multiple of the blocksize
+    it is the tiled kernel (torch.ops.kbit.matmul_4bit_tiled) on a copy of the weight in the CPU's
+    tiled layout, made on the first such forward (see `cpu_layout`; for bfloat16 on AVX-512-BF16
+    CPUs the codebook is rounded to bfloat16, each block's sum scaled in float32); otherwise
+    kbit.functional.matmul_4bit on the packed weight (for bfloat16 compute on AVX-512-BF16 CPUs W'
+    is rounded to bfloat16 first, as a bfloat16 matmul of the dequantized weight does). On
     CUDA a single row (x.numel() == in_features) runs the 4-bit GEMV kernel; more rows dequantize W
     and call torch's linear (cuBLAS). Both are differentiable
     in x and bias (the 4-bit weight itself is frozen). Inputs are
     cast to `compute_dtype` (default: x's dtype) and the result back to x's dtype.
     """
+
+    # The CPU forward without gradients keeps a second copy of the weight in the CPU's tiled layout
+    # (kbit.h): n_out * in_features / 2 bytes plus a float32 scale per block. False: no copy (the
+    # fused kernel on the bitsandbytes layout; slower). Per layer or on the class.
+    cpu_layout: bool = True
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  compute_dtype: Optional[torch.dtype] = None, compress_statistics: bool = True,
@@ -178,6 +187,7 @@ class Linear4bit(nn.Module):
 
     def _apply(self, fn: Any, recurse: bool = True) -> Linear4bit:
         super()._apply(fn, recurse)  # casts touch floating point tensors only: packed codes stay uint8
+        self.__dict__.pop("_tiled_cache", None)
         if self.quant_state is not None:
             self.quant_state = self.quant_state.to(self.weight.device)
         elif self.weight.device.type in ("cpu", "cuda"):
@@ -200,7 +210,13 @@ class Linear4bit(nn.Module):
         compute = self.compute_dtype or x.dtype
         inp = x.to(compute)
         bias = None if self.bias is None else self.bias.to(compute)
-        if compute in F._DTYPES and inp.device.type == "cpu":  # the fused kernel, any rows; differentiable
+        tiled = self._cpu_tiled(state, inp, bias) if compute in F._DTYPES and inp.device.type == "cpu" else None
+        if tiled is not None:  # no gradient wanted: the tiled copy of the weight
+            n_out, k_in = state.shape
+            out = torch.ops.kbit.matmul_4bit_tiled(inp.contiguous(), tiled[0], tiled[1],
+                                                   None if bias is None else bias.contiguous(), n_out, k_in,
+                                                   state.blocksize, state.quant_type)
+        elif compute in F._DTYPES and inp.device.type == "cpu":  # the fused kernel, any rows; differentiable
             out = F._matmul_4bit_absmax(inp.contiguous(), self.weight, state, self._float_absmax(state),
                                         None if bias is None else bias.contiguous())
         elif x.numel() == self.in_features and compute in F._DTYPES:
@@ -208,6 +224,26 @@ class Linear4bit(nn.Module):
         else:
             out = nn.functional.linear(inp, self.dequantized_weight().to(compute), bias)
         return out.to(x.dtype)
+
+    def _cpu_tiled(self, state: F.QuantState4bit, inp: torch.Tensor,
+                   bias: Optional[torch.Tensor]) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """The weight in the CPU's tiled layout (kbit.h), built on the first CPU forward that wants no
+        gradient and kept until the weight or its state changes; None where it does not apply: a
+        gradient is wanted, in_features is not a multiple of the blocksize, or `cpu_layout` is False."""
+        if not self.cpu_layout or state.shape[1] % state.blocksize:
+            return None
+        if torch.is_grad_enabled() and (inp.requires_grad or (bias is not None and bias.requires_grad)):
+            return None
+        key = (state, self.weight.data_ptr(), self.weight._version)
+        cached = self.__dict__.get("_tiled_cache")
+        if cached is None or cached[0][0] is not state or cached[0][1:] != key[1:]:
+            n_out, k_in = state.shape
+            self.__dict__["_tiled_cache"] = None  # the old copy goes before the new one is built
+            tiled = torch.ops.kbit.repack_4bit_tiled(self.weight.detach(), self._float_absmax(state), n_out, k_in,
+                                                     state.blocksize)
+            cached = (key, tiled)
+            self.__dict__["_tiled_cache"] = cached
+        return cached[1]
 
     def _float_absmax(self, state: F.QuantState4bit) -> torch.Tensor:
         """The state's float32 block absmaxes: a nested state's are dequantized once per state (one float
