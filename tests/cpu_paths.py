@@ -2,7 +2,8 @@
 KBIT_CPU_SIMD, independently of the library, as kbit.h's kbit_last_path() documents it: the tests
 compare it with what the library says it ran. (cpu_features.h's rules: AVX2 needs the avx and avx2
 flags; "AVX2 + FMA" also fma; AVX-512 needs avx512f, avx512bw and avx512vl with AVX2 + FMA; the
-bfloat16 matmul kernel also avx512_bf16. The kernel reads CPUID and XGETBV itself; Linux's flags
+bfloat16 matmul kernels also avx512_bf16, the tiled one's fastest also avx512vbmi (which KBIT_CPU_SIMD=avx512
+leaves out). The kernel reads CPUID and XGETBV itself; Linux's flags
 already leave out what the OS does not enable.)"""
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ class Cpu:
     x86: bool = True
 
     def level(self, simd: Optional[str]) -> int:
-        """The SIMD level of kbit's dispatch (0 portable, 1 AVX2 + FMA, 2 AVX-512) KBIT_CPU_SIMD allows."""
+        """The SIMD level of kbit's dispatch (0 portable, 1 AVX2 + FMA, 2 AVX-512) KBIT_CPU_SIMD allows
+        ("avx512" allows AVX-512 without VBMI)."""
         cap = {"0": 0, "avx2": 1}.get(simd or "", 2)
         if not self.x86 or not self.avx2(fma=True):
             return 0
@@ -67,6 +69,11 @@ def expected_path(cpu: Cpu, entry: str, simd: Optional[str] = None, *, n: int = 
                 path += "-direct"
         else:
             path = "avx2" if level >= 1 else "portable"
+    elif entry == "matmul_4bit_tiled":
+        if level >= 2 and bf16 and "avx512_bf16" in cpu.flags:
+            path = "avx512bf16-vbmi" if "avx512vbmi" in cpu.flags and simd != "avx512" else "avx512bf16"
+        else:
+            path = ("portable", "avx2", "avx512")[level]
     elif entry == "adam_8bit_blockwise":
         path = "portable"
     else:

@@ -29,6 +29,7 @@ ABI = _abi.load_abi()
 FINGERPRINTS = {
     3: "9372e8238619b50f",
     4: "592aaa5fa8f06b96",  # + kbit_last_path
+    5: "9939930f4444255a",  # + kbit_repack_4bit_tiled, kbit_matmul_4bit_tiled
 }
 
 # What each ctypes type must be in C: (kind, size). Kinds: 0 void, 1 signed integer, 2 floating point,
@@ -157,19 +158,25 @@ _LAST_PATH = """
 import ctypes, sys
 lib = ctypes.CDLL(sys.argv[1], mode=ctypes.RTLD_LOCAL)
 lib.kbit_last_path.restype = ctypes.c_char_p
-print(repr(lib.kbit_last_path()))
+lib.kbit_status_string.restype = ctypes.c_char_p
+i64 = ctypes.c_int64
+tiled = lib.kbit_matmul_4bit_tiled(0, 1, None, None, None, None, None, i64(1), i64(1), i64(64), 64, None)
+repack = lib.kbit_repack_4bit_tiled(None, None, None, None, i64(1), i64(64), 64)
+print(repr(lib.kbit_last_path()), tiled, repack, lib.kbit_status_string(tiled).decode())
 """
 
 
-def test_cuda_libraries_record_no_path(cxx) -> None:
-    """kbit.h: a CUDA library's kbit_last_path() is always "". The CUDA sources as the emulation builds
-    them (always) and every bundled CUDA library, each in its own process (no GPU, no driver needed)."""
+def test_cuda_libraries_record_no_path_and_refuse_the_tiled_layout(cxx) -> None:
+    """kbit.h: a CUDA library's kbit_last_path() is always "", and the CPU-only tiled layout's functions
+    return KBIT_ERR_NOT_IN_THIS_LIBRARY. The CUDA sources as the emulation builds them (always) and
+    every bundled CUDA library, each in its own process (no GPU, no driver needed)."""
     from cuda_emu import build as emu_build
 
     paths = [emu_build.build(sanitize=False), *(p for p in libraries() if p.name != "libkbit_cpu.so")]
     for path in paths:
         out = subprocess.run([sys.executable, "-c", _LAST_PATH, str(path)], capture_output=True, text=True)
-        assert out.returncode == 0 and out.stdout.strip() == "b''", (path.name, out.stdout, out.stderr[-2000:])
+        want = "b'' 8 8 not available in this library (the CPU library has it)"
+        assert out.returncode == 0 and out.stdout.strip() == want, (path.name, out.stdout, out.stderr[-2000:])
 
 
 def _library_calls(path: Path) -> set[str]:

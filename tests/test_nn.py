@@ -226,3 +226,47 @@ def test_a_nested_absmax_is_dequantized_once_and_follows_the_state() -> None:
         a.load_state_dict(b.state_dict())
         assert torch.equal(a(x), yb)
         assert_linear_close(a(x), x, b.dequantized_weight(), b.bias)
+
+
+def test_no_grad_cpu_forward_runs_the_tiled_copy(monkeypatch) -> None:
+    """Without gradients, with in_features a multiple of the blocksize, the CPU forward runs
+    kbit_matmul_4bit_tiled on a tiled copy of the weight, made once and kept until the weight or its
+    state changes (a load, an in-place write, a move); with gradients, or cpu_layout False, the packed
+    layout's matmul. Both within the definition's bound of the dequantized weight."""
+    from kbit import _native
+
+    lib = _native.cpu_library()
+    q = knn.Linear4bit.from_linear(_linear(128, 96), compress_statistics=True)
+    x = _x(3, 128)
+    W = q.dequantized_weight()
+    with torch.no_grad():
+        y = q(x)
+        assert lib.last_path().startswith("kbit_matmul_4bit_tiled:")
+        tiled = q.__dict__["_tiled_cache"][1]
+        assert torch.equal(q(x), y) and q.__dict__["_tiled_cache"][1] is tiled  # kept
+    assert_linear_close(y, x, W, q.bias)
+    assert not any("tiled" in k for k in q.state_dict())  # the copy is not state
+    xg = x.clone().requires_grad_()
+    yg = q(xg)  # a gradient is wanted: the packed layout's matmul, differentiable
+    assert lib.last_path().startswith("kbit_matmul_4bit:") and yg.requires_grad
+    assert_linear_close(yg.detach(), x, W, q.bias)
+    other = knn.Linear4bit.from_linear(_linear(128, 96, seed=5), compress_statistics=True)
+    with torch.no_grad():
+        q.load_state_dict(other.state_dict())  # a new state: a new copy
+        assert torch.equal(q(x), other(x)) and q.__dict__["_tiled_cache"][1] is not tiled
+        q.weight.copy_(knn.Linear4bit.from_linear(_linear(128, 96, seed=6)).weight)  # written in place
+        assert_linear_close(q(x), x, q.dequantized_weight(), q.bias)
+        q.weight.data.copy_(knn.Linear4bit.from_linear(_linear(128, 96, seed=7)).weight)  # unseen by _version
+        q.drop_cpu_layout()
+        assert_linear_close(q(x), x, q.dequantized_weight(), q.bias)
+        q.cpu_layout = False
+        y = q(x)
+        assert lib.last_path().startswith("kbit_matmul_4bit:")
+        assert_linear_close(y, x, q.dequantized_weight(), q.bias)
+    q.cpu_layout = True
+    q.to("cpu")  # a move drops the copy
+    assert "_tiled_cache" not in q.__dict__
+    odd = knn.Linear4bit.from_linear(_linear(160, 96))  # 160 % 64: blocks straddle rows, no tiled layout
+    with torch.no_grad():
+        odd(x[:, :1].expand(3, 160).contiguous())
+    assert lib.last_path().startswith("kbit_matmul_4bit:")

@@ -8,7 +8,8 @@ import torch
 from kbit import functional as F
 
 OPS = ["quantize_blockwise", "dequantize_blockwise", "dequantize_blockwise_out", "quantize_4bit", "dequantize_4bit",
-       "dequantize_4bit_out", "gemv_4bit", "adam_8bit_blockwise"]
+       "dequantize_4bit_out", "gemv_4bit", "matmul_4bit", "repack_4bit_tiled", "matmul_4bit_tiled",
+       "adam_8bit_blockwise"]
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -32,7 +33,11 @@ def op_samples() -> list[tuple[str, tuple]]:
     codes, st8 = F.quantize_blockwise(A, blocksize=64)
     packed, st4 = F.quantize_4bit(A, blocksize=64, quant_type="fp4")
     x, bias = torch.randn(1, 33, generator=_gen(3)), torch.randn(37, generator=_gen(4))
-    samples = []
+    # the tiled layout needs k_in % blocksize == 0: a 37 x 64 weight
+    packed64, st64 = F.quantize_4bit(torch.randn(37, 64, generator=_gen(5)), blocksize=32, quant_type="nf4")
+    tiled, scales = torch.ops.kbit.repack_4bit_tiled(packed64, st64.absmax, 37, 64, 32)
+    x64 = torch.randn(3, 64, generator=_gen(6))
+    samples = [("repack_4bit_tiled", (packed64, st64.absmax, 37, 64, 32))]
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         Ad = A.to(dtype)
         samples += [
@@ -46,6 +51,9 @@ def op_samples() -> list[tuple[str, tuple]]:
             ("gemv_4bit", (x.to(dtype).reshape(33), packed, st4.absmax, None, 37, 33, 64, "fp4")),
             ("gemv_4bit", (x.to(dtype).requires_grad_(), packed, st4.absmax, bias.to(dtype).requires_grad_(), 37, 33,
                            64, "fp4")),
+            ("matmul_4bit", (x64.to(dtype), packed64, st64.absmax, bias.to(dtype), 37, 64, 32, "nf4")),
+            ("matmul_4bit_tiled", (x64.to(dtype), tiled, scales, bias.to(dtype), 37, 64, 32, "nf4")),
+            ("matmul_4bit_tiled", (x64.to(dtype).reshape(1, 3, 64), tiled, scales, None, 37, 64, 32, "nf4")),
             ("adam_8bit_blockwise", _adam_args(dtype)),
         ]
     return samples

@@ -197,7 +197,9 @@ KBIT_API kbit_status kbit_matmul_4bit(int dtype, int quant_type, const void* A, 
  * (rows of W) form groups of KBIT_TILED4_GROUP; group g holds columns j = g * 64 + c, c < 64, the
  * columns past n_out padded with code 0 and scale 0:
  *   tiled[(g * k_in/2 + p) * 64 + c]: the codes of W[j][2p] (low nibble) and W[j][2p + 1] (high nibble),
- *   scales[(g * k_in/blocksize + b) * 64 + c]: the absmax of row j's block b (absmax[j * k_in/blocksize + b]).
+ *   scales[(g * k_in/blocksize + b) * 64 + 16 * (c % 4) + c / 4]: the absmax of row j's block b
+ *     (absmax[j * k_in/blocksize + b]), in the kernels' lane order: lane i of vector v is column 4i + v,
+ *     byte v of dword i of the pair's 64 bytes.
  * tiled holds ceil(n_out / 64) * 32 * k_in bytes, scales ceil(n_out / 64) * 64 * (k_in / blocksize)
  * floats. kbit_repack_4bit_tiled writes them from packed and the float32 absmax (a pure permutation:
  * nothing is rounded); KBIT_ERR_INVALID_ARGUMENT when k_in % blocksize != 0. CPU only: the CUDA

@@ -111,8 +111,9 @@ class Linear4bit(nn.Module):
     """
 
     # The CPU forward without gradients keeps a second copy of the weight in the CPU's tiled layout
-    # (kbit.h): n_out * in_features / 2 bytes plus a float32 scale per block. False: no copy (the
-    # fused kernel on the bitsandbytes layout; slower). Per layer or on the class.
+    # (kbit.h): n_out * in_features / 2 bytes plus a float32 scale per block (1.25x the packed weight
+    # at blocksize 64, on top of it). False: no copy (the fused kernel on the bitsandbytes layout;
+    # slower). Per layer or on the class. See drop_cpu_layout.
     cpu_layout: bool = True
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
@@ -187,7 +188,7 @@ class Linear4bit(nn.Module):
 
     def _apply(self, fn: Any, recurse: bool = True) -> Linear4bit:
         super()._apply(fn, recurse)  # casts touch floating point tensors only: packed codes stay uint8
-        self.__dict__.pop("_tiled_cache", None)
+        self.drop_cpu_layout()
         if self.quant_state is not None:
             self.quant_state = self.quant_state.to(self.weight.device)
         elif self.weight.device.type in ("cpu", "cuda"):
@@ -229,8 +230,9 @@ class Linear4bit(nn.Module):
                    bias: Optional[torch.Tensor]) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         """The weight in the CPU's tiled layout (kbit.h), built on the first CPU forward that wants no
         gradient and kept until the weight or its state changes; None where it does not apply: a
-        gradient is wanted, in_features is not a multiple of the blocksize, or `cpu_layout` is False."""
-        if not self.cpu_layout or state.shape[1] % state.blocksize:
+        gradient is wanted, in_features is not a multiple of the blocksize, `cpu_layout` is False, or
+        under torch.compile (the copy's validity is a data-pointer check, which dynamo cannot trace)."""
+        if not self.cpu_layout or state.shape[1] % state.blocksize or torch.compiler.is_compiling():
             return None
         if torch.is_grad_enabled() and (inp.requires_grad or (bias is not None and bias.requires_grad)):
             return None
@@ -244,6 +246,12 @@ class Linear4bit(nn.Module):
             cached = (key, tiled)
             self.__dict__["_tiled_cache"] = cached
         return cached[1]
+
+    def drop_cpu_layout(self) -> None:
+        """Forget the tiled copy of the weight (the next no-grad CPU forward makes a new one). Needed only
+        after writing the packed weight through `weight.data`, which torch's version counter does not
+        see; loads, moves and in-place writes to `weight` itself are noticed."""
+        self.__dict__.pop("_tiled_cache", None)
 
     def _float_absmax(self, state: F.QuantState4bit) -> torch.Tensor:
         """The state's float32 block absmaxes: a nested state's are dequantized once per state (one float
