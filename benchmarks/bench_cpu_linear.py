@@ -6,10 +6,14 @@ time it takes to read the packed weight once from memory.
 For 1, 4, 16 and 64 rows and float32 and bfloat16 compute, y = x @ W.T for an NF4 weight of
 size x size (blocksize 64, double quant as transformers' default), both layers in eval mode under
 torch.no_grad():
-  - kbit: kbit.nn.Linear4bit (on the CPU: the fused matmul, kbit_matmul_4bit);
+  - kbit: kbit.nn.Linear4bit (on the CPU without gradients: kbit_matmul_4bit_tiled on the layer's
+    copy of the weight in the CPU's tiled layout, made on its first call);
+  - kbit packed: the same layers with cpu_layout = False (kbit_matmul_4bit on the bitsandbytes-layout
+    bytes: what a forward that wants gradients runs);
   - bitsandbytes: bitsandbytes.nn.Linear4bit, its default CPU path (which, on a CPU with AVX-512-BF16,
     repacks the weight on first use and runs its own bfloat16 kernel; its functional matmul_4bit is
-    the slower generic path, not measured here);
+    the slower generic path, not measured here; its optional kernel from the `kernels` hub needs a
+    download and is not measured either);
   - read: the time of one pass over the packed bytes (a sum of them as int64, torch's threads),
     the floor of a kernel that reads the weight once.
 --layers distinct layers are cycled through (8 x 8 MB at size 4096, more than the L3 cache), so every
@@ -52,6 +56,15 @@ class Cycle:
         return self.fn(self.layers[self.i])
 
 
+def packed_forward(layer, x: torch.Tensor) -> torch.Tensor:
+    """The layer's forward on its bitsandbytes-layout bytes (no tiled copy)."""
+    layer.cpu_layout = False
+    try:
+        return layer(x)
+    finally:
+        layer.cpu_layout = True
+
+
 def linear_rows(size: int, layers: int, repeat: int, bnb) -> list[dict]:
     import kbit.nn as knn
 
@@ -80,12 +93,13 @@ def linear_rows(size: int, layers: int, repeat: int, bnb) -> list[dict]:
                 fns: dict[str, Callable[[], object]] = {
                     "read": Cycle(packed, lambda w: w.sum()),
                     "kbit": Cycle(ours[compute], lambda layer, x=x: layer(x)),
+                    "packed": Cycle(ours[compute], lambda layer, x=x: packed_forward(layer, x)),
                 }
                 if bnb is not None:
                     fns["bnb"] = Cycle(theirs[compute], lambda layer, x=x: layer(x))
                 t = interleaved_medians(fns, repeat, warmup=layers)
                 row = {"compute": str(compute).replace("torch.", ""), "rows": m, "kbit_ms": t["kbit"],
-                       "read_ms": t["read"], "kbit_over_read": t["kbit"] / t["read"]}
+                       "kbit_packed_ms": t["packed"], "read_ms": t["read"], "kbit_over_read": t["kbit"] / t["read"]}
                 if bnb is not None:
                     row.update(bnb_ms=t["bnb"], speedup_vs_bnb=t["bnb"] / t["kbit"])
                 rows.append(row)
@@ -128,12 +142,13 @@ def main() -> int:
     print(f"CPU: {cpu_name()}, {torch.get_num_threads()} torch threads; NF4 {args.size} x {args.size}, "
           f"blocksize 64, {args.layers} layers cycled")
     lin = linear_rows(args.size, args.layers, args.repeat, bnb)
-    print(f"{'compute':9} {'rows':>4} {'kbit ms':>9} {'bnb ms':>9} {'kbit vs bnb':>12} {'read ms':>9} {'kbit/read':>10}")
+    print(f"{'compute':9} {'rows':>4} {'kbit ms':>9} {'packed ms':>10} {'bnb ms':>9} {'kbit vs bnb':>12} "
+          f"{'read ms':>9} {'kbit/read':>10}")
     for r in lin:
         bnb_ms = f"{r['bnb_ms']:9.3f}" if "bnb_ms" in r else f"{'-':>9}"
         ratio = f"{r['speedup_vs_bnb']:11.2f}x" if "speedup_vs_bnb" in r else f"{'-':>12}"
-        print(f"{r['compute']:9} {r['rows']:4d} {r['kbit_ms']:9.3f} {bnb_ms} {ratio} {r['read_ms']:9.3f} "
-              f"{r['kbit_over_read']:9.2f}x")
+        print(f"{r['compute']:9} {r['rows']:4d} {r['kbit_ms']:9.3f} {r['kbit_packed_ms']:10.3f} {bnb_ms} {ratio} "
+              f"{r['read_ms']:9.3f} {r['kbit_over_read']:9.2f}x")
     deq = dequant8_rows(1 << 22, args.repeat, bnbf)
     for r in deq:
         extra = f", bnb {r['bnb_ms']:.3f} ms ({r['speedup_vs_bnb']:.2f}x)" if "bnb_ms" in r else ""

@@ -74,7 +74,7 @@ def expected_path(cpu: Cpu, entry: str, simd: Optional[str] = None, *, n: int = 
             path = "avx512bf16-vbmi" if "avx512vbmi" in cpu.flags and simd != "avx512" else "avx512bf16"
         else:
             path = ("portable", "avx2", "avx512")[level]
-    elif entry == "adam_8bit_blockwise":
+    elif entry in ("adam_8bit_blockwise", "repack_4bit_tiled"):
         path = "portable"
     else:
         raise ValueError(f"no dispatch rule for kbit_{entry}")

@@ -62,6 +62,7 @@ KIND = {F32: "f32", F16: "f16", BF16: "bf16"}
 # check()'s label of a call -> the entry point it called (without kbit_)
 CALLED = {"q8": "quantize_blockwise_8bit", "d8": "dequantize_blockwise_8bit", "q4": "quantize_4bit",
           "q4 W": "quantize_4bit", "d4": "dequantize_4bit", "gemv": "gemv_4bit", "matmul": "matmul_4bit",
+          "repack": "repack_4bit_tiled", "tiled": "matmul_4bit_tiled",
           "adam": "adam_8bit_blockwise"}
 
 
@@ -134,6 +135,22 @@ def main(lib_path: str, codebooks_path: str) -> dict[str, object]:
             check(lib.kbit_matmul_4bit(dtype, NF4, x, packed, absmax, bias, y, m, n_out, k_in, 64, None), "matmul",
                   bf16=dtype == BF16, m_rows=m, k_in=k_in, blocksize=64)
             out[f"matmul/{dtype}/{m}x{n_out}x{k_in}"] = digest((y, KIND[dtype]))
+        # The tiled layout and its matmul: one row (two groups of 64 columns at once in float32), 9 rows
+        # (the 8-row kernel + 1), partial last groups
+        for m, n_out, k_in in ((1, 130, 256), (9, 70, 128)):
+            W = buffer(as_dtype(floats(n_out * k_in, seed=9), dtype))
+            packed, absmax = buffer((n_out * k_in + 1) // 2), buffer(4 * (n_out * k_in // 64))
+            check(lib.kbit_quantize_4bit(dtype, NF4, W, packed, absmax, n_out * k_in, 64, None), "q4 W")
+            groups = -(-n_out // 64)
+            tiled, scales = buffer(groups * 32 * k_in), buffer(4 * groups * 64 * (k_in // 64))
+            check(lib.kbit_repack_4bit_tiled(packed, absmax, tiled, scales, n_out, k_in, 64), "repack")
+            x = buffer(as_dtype(floats(m * k_in, seed=10), dtype))
+            bias = buffer(as_dtype(floats(n_out, seed=11), dtype))
+            y = buffer(len(bytes(bias)) * m)
+            check(lib.kbit_matmul_4bit_tiled(dtype, NF4, x, tiled, scales, bias, y, m, n_out, k_in, 64, None), "tiled",
+                  bf16=dtype == BF16)
+            out[f"repack/{dtype}/{n_out}x{k_in}"] = digest((tiled, "u8"), (scales, "f32"))
+            out[f"tiled/{dtype}/{m}x{n_out}x{k_in}"] = digest((y, KIND[dtype]))
         # Two Adam steps (the second from the first's states), and AdamW
         n = 5000
         for decoupled in (0, 1):

@@ -418,6 +418,7 @@ extern "C" KBIT_API int kbit_repack_4bit_tiled(const uint8_t* packed, const floa
   int status = check_tiled_shape(n_out, k_in, blocksize);
   if (status != KBIT_OK || n_out == 0 || k_in == 0) return status;
   if (packed == NULL || absmax == NULL || tiled == NULL || scales == NULL) return KBIT_ERR_INVALID_ARGUMENT;
+  cpu::record_path("kbit_repack_4bit_tiled:portable");
   const int64_t groups = (n_out + kGroup - 1) / kGroup, pairs = k_in / 2, blocks = k_in / blocksize;
   for (int64_t g = 0; g < groups; ++g) {
     for (int64_t c = 0; c < kGroup; ++c) {

@@ -87,7 +87,7 @@ KBIT_API const char* kbit_status_string(int status);
  * Which kernel the calling thread's last call into this library ran: a static string
  * "<function>:<path>", e.g. "kbit_gemv_4bit:avx2"; "" before the thread's first such call. A call that
  * returns before running a kernel (a bad argument, nothing to do) leaves it as it was. The CPU
- * library's paths (KBIT_CPU_SIMD=0 forces "portable", =avx2 caps at "avx2"):
+ * library's paths (KBIT_CPU_SIMD=0 forces "portable", =avx2 caps at "avx2", =avx512 leaves out VBMI):
  *   kbit_quantize_blockwise_8bit  "avx2" (AVX2, n >= 16384), else "portable"
  *   kbit_dequantize_blockwise_8bit "avx512" (AVX-512 F/BW/VL with AVX2 + FMA), else "portable"
  *   kbit_quantize_4bit, kbit_dequantize_4bit  "avx2" (AVX2), else "portable"
@@ -95,8 +95,9 @@ KBIT_API const char* kbit_status_string(int status);
  *   kbit_matmul_4bit              "avx512bf16" (bfloat16 and AVX-512-BF16), "avx512", "avx2" (AVX2 + FMA)
  *                                 or "portable", with "-direct" for the AVX-512 kernels of up to 4 rows
  *                                 (blocks not straddling rows; avx512bf16 also needs k_in % 64 == 0)
- *   kbit_matmul_4bit_tiled        "avx512bf16" (bfloat16 and AVX-512-BF16), "avx512", "avx2" (AVX2 + FMA)
- *                                 or "portable"
+ *   kbit_repack_4bit_tiled        "portable"
+ *   kbit_matmul_4bit_tiled        "avx512bf16-vbmi" (bfloat16, AVX-512-BF16 and AVX-512-VBMI), "avx512bf16"
+ *                                 (bfloat16 and AVX-512-BF16), "avx512", "avx2" (AVX2 + FMA) or "portable"
  *   kbit_adam_8bit_blockwise      "portable"
  * The CUDA libraries record no path: always "".
  */
