@@ -5,24 +5,28 @@
  * bitsandbytes' layout keeps each weight row's codes together, so a kernel decodes one output column
  * at a time and ends every column with a horizontal sum. The tiled layout interleaves 64 output
  * columns: the 64 bytes of one k pair of a group are one cache line, byte c holding column c's codes
- * of k = 2p (low nibble) and 2p + 1 (high nibble). One 16-byte load then feeds 16 output columns at
- * once, each lane of a vector is one output column, a row of A is broadcast, and the only reduction
- * is along k inside each lane: no horizontal sums, no shuffles of A.
+ * of k = 2p (low nibble) and 2p + 1 (high nibble). One 64-byte load feeds all 64 columns: dword i
+ * holds columns 4i..4i+3, so vector v (lane i = column 4i + v) takes byte v of every dword, a row of
+ * A is broadcast, and the only reduction is along k inside each lane: no horizontal sums, no
+ * shuffles of A, and the scales are stored in this lane order.
  *
- * Paths (KBIT_CPU_SIMD=0 forces the portable one, =avx2 caps at AVX2), all reading the weight once
- * per row block of A:
- *   - AVX-512 (F, BW, VL): 16 bytes -> 16 int32 lanes; vpermps looks up the low nibble (it reads
- *     index bits 0-3 only) and, after a shift, the high one in the 16-entry codebook; times the
- *     columns' absmax: exactly kbit_dequantize4_value's W'. float32 FMAs, up to 4 rows of A per pass.
- *   - AVX-512-BF16, bfloat16 inputs: the lane's byte d becomes the word pair (d, d >> 4)
- *     (d | d << 12: vpermw reads index bits 0-4 only, and its 32-entry table repeats the 16 bfloat16
- *     codebook values), so one vpermw gives the 32 bfloat16 codes of 16 columns x 2 k values, the
- *     pair vdpbf16ps multiplies with A's bfloat16 pair (a broadcast dword); each block's float32 sum
- *     is then multiplied by its absmax. The codebook is rounded to bfloat16, the absmax is not.
- *   - AVX2 + FMA: the same as AVX-512 in 8 lanes (kbit's two-register codebook lookup).
+ * Paths (KBIT_CPU_SIMD=0 forces the portable one, =avx2 caps at AVX2, =avx512 leaves out VBMI):
+ *   - AVX-512 (F, BW, VL): vpermps of d >> 8v looks up the low nibble (it reads index bits 0-3 only),
+ *     of d >> (8v + 4) the high one, in the 16-entry codebook; times the columns' absmax: exactly
+ *     kbit_dequantize4_value's W'. float32 FMAs, up to 4 rows of A a pass (two groups for one row).
+ *   - AVX-512-BF16, bfloat16 inputs: each dword lane becomes the word pair (low nibble, high nibble)
+ *     of its column (vpmultishiftqb with VBMI, else a shift and a word blend; vpermw reads index bits
+ *     0-4 only and its 32-entry table repeats the 16 bfloat16 codes), so one vpermw gives the 32
+ *     bfloat16 codes of 16 columns x 2 k values and vdpbf16ps multiplies them with A's bfloat16 pair (a
+ *     broadcast dword); each block's float32 sum is then multiplied by its absmax. The codebook is
+ *     rounded to bfloat16, the absmax is not. 8 rows x 2 vectors, or 4 x 4, a pass; a later pass over
+ *     the group (from cache) prefetches the next group's lines.
+ *   - AVX2 + FMA: the float32 kernel in 8 lanes (kbit's two-register codebook lookup).
  *   - portable: the same order in plain loops.
- * Threads take whole (group, row chunk) tasks: every output value is one task's, summed in one order,
- * so the result depends neither on the thread count nor on m_rows.
+ * The float32 sums go to a small buffer per task; the epilogue adds the bias and rounds them to the
+ * dtype (AVX-512: 16 at a time, kbit_f32_to_bf16's rounding). Threads take whole (group, row chunk)
+ * tasks: every output value is one task's, summed in one order, so the result depends neither on the
+ * thread count nor on m_rows.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -171,24 +175,21 @@ KBIT_AVX512BF16_VBMI inline __m512i bf16_indices_vbmi(__m512i d, int v) {
   return _mm512_multishift_epi64_epi8(ctrl, d);
 }
 
-/* R rows from i0, vectors [V0, V0 + VN) of groups [g, g + G), bfloat16: part sums a block, acc the
- * blocks. A pass after the first (V0 > 0) reads the group's lines from cache and prefetches the
+/* R rows from i0, vectors [V0, V0 + VN) of group g, bfloat16: part sums a block, acc the blocks. A pass after the first (V0 > 0) reads the group's lines from cache and prefetches the
  * next group's instead, so the memory stays busy. */
-template <int R, int V0, int VN, int G, bool VBMI>
+template <int R, int V0, int VN, bool VBMI>
 KBIT_AVX512BF16_VBMI void group_bf16(const TiledJob& job, int64_t g, int64_t i0, float* tile) {
   const __m512i table = _mm512_loadu_si512(job.table_bf16);
   const uint16_t* A = static_cast<const uint16_t*>(job.A) + i0 * job.k;
   const int passes = 4 / VN, pass = V0 / VN;
-  const bool next = pass > 0 && g + G < job.groups;
-  __m512 acc[G][R][VN];
-  for (int h = 0; h < G; ++h)
-    for (int r = 0; r < R; ++r)
-      for (int v = 0; v < VN; ++v) acc[h][r][v] = _mm512_setzero_ps();
+  const bool next = pass > 0 && g + 1 < job.groups;
+  __m512 acc[R][VN];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < VN; ++v) acc[r][v] = _mm512_setzero_ps();
   for (int64_t b = 0; b < job.blocks; ++b) {
-    __m512 part[G][R][VN];
-    for (int h = 0; h < G; ++h)
-      for (int r = 0; r < R; ++r)
-        for (int v = 0; v < VN; ++v) part[h][r][v] = _mm512_setzero_ps();
+    __m512 part[R][VN];
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < VN; ++v) part[r][v] = _mm512_setzero_ps();
     for (int64_t p = b * job.pairs_per_block; p < (b + 1) * job.pairs_per_block; ++p) {
       __m512bh a[R];
       for (int r = 0; r < R; ++r) {
@@ -196,31 +197,27 @@ KBIT_AVX512BF16_VBMI void group_bf16(const TiledJob& job, int64_t g, int64_t i0,
         memcpy(&pair, A + r * job.k + 2 * p, sizeof(pair));
         a[r] = (__m512bh)_mm512_set1_epi32(pair);
       }
-      if (next && p % (passes - 1) == pass - 1) prefetch(pair_bytes(job, g + G, p));
-      for (int h = 0; h < G; ++h) {
-        const uint8_t* q = pair_bytes(job, g + h, p);
-        if (pass == 0 && job.pf) prefetch(q + job.pf);
-        const __m512i d = _mm512_loadu_si512(q);
-        for (int v = 0; v < VN; ++v) {
-          __m512i idx = VBMI ? bf16_indices_vbmi(d, V0 + v) : bf16_indices(d, V0 + v);
-          __m512bh w = (__m512bh)_mm512_permutexvar_epi16(idx, table);
-          for (int r = 0; r < R; ++r) part[h][r][v] = _mm512_dpbf16_ps(part[h][r][v], a[r], w);
-        }
+      if (next && p % (passes - 1) == pass - 1) prefetch(pair_bytes(job, g + 1, p));
+      const uint8_t* q = pair_bytes(job, g, p);
+      if (pass == 0 && job.pf) prefetch(q + job.pf);
+      const __m512i d = _mm512_loadu_si512(q);
+      for (int v = 0; v < VN; ++v) {
+        __m512i idx = VBMI ? bf16_indices_vbmi(d, V0 + v) : bf16_indices(d, V0 + v);
+        __m512bh w = (__m512bh)_mm512_permutexvar_epi16(idx, table);
+        for (int r = 0; r < R; ++r) part[r][v] = _mm512_dpbf16_ps(part[r][v], a[r], w);
       }
     }
-    for (int h = 0; h < G; ++h)
-      for (int v = 0; v < VN; ++v) {
-        __m512 sc = _mm512_loadu_ps(block_scales(job, g + h, b) + kSub * (V0 + v));
-        for (int r = 0; r < R; ++r) acc[h][r][v] = _mm512_fmadd_ps(part[h][r][v], sc, acc[h][r][v]);
-      }
+    for (int v = 0; v < VN; ++v) {
+      __m512 sc = _mm512_loadu_ps(block_scales(job, g, b) + kSub * (V0 + v));
+      for (int r = 0; r < R; ++r) acc[r][v] = _mm512_fmadd_ps(part[r][v], sc, acc[r][v]);
+    }
   }
   alignas(64) float sums[kSub];
-  for (int h = 0; h < G; ++h)
-    for (int r = 0; r < R; ++r)
-      for (int v = 0; v < VN; ++v) {
-        _mm512_store_ps(sums, acc[h][r][v]);
-        put_vector(tile, i0 + r, h, V0 + v, sums);
-      }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < VN; ++v) {
+      _mm512_store_ps(sums, acc[r][v]);
+      put_vector(tile, i0 + r, 0, V0 + v, sums);
+    }
 }
 
 /* As group_avx512 in 8 lanes: R rows from i0, the half H (lanes 8H..8H+7) of every vector of group g. */
@@ -272,19 +269,18 @@ KBIT_AVX512 void rows_avx512(const TiledJob& job, int64_t g, int G, int64_t i0, 
 }
 
 template <bool VBMI>
-KBIT_AVX512BF16_VBMI void rows_bf16(const TiledJob& job, int64_t g, int G, int64_t i0, int64_t rows, float* tile) {
-  (void)G; /* one group a task */
+KBIT_AVX512BF16_VBMI void rows_bf16(const TiledJob& job, int64_t g, int64_t i0, int64_t rows, float* tile) {
   int64_t i = i0, end = i0 + rows;
   /* 8 rows x 2 vectors a pass (measured best of 1, 2 and 4 vectors; 16 rows spill), then 4 rows x 4 */
   for (; end - i >= 8; i += 8) {
-    group_bf16<8, 0, 2, 1, VBMI>(job, g, i, tile);
-    group_bf16<8, 2, 2, 1, VBMI>(job, g, i, tile);
+    group_bf16<8, 0, 2, VBMI>(job, g, i, tile);
+    group_bf16<8, 2, 2, VBMI>(job, g, i, tile);
   }
-  for (; end - i >= 4; i += 4) group_bf16<4, 0, 4, 1, VBMI>(job, g, i, tile);
+  for (; end - i >= 4; i += 4) group_bf16<4, 0, 4, VBMI>(job, g, i, tile);
   switch (end - i) {
-    case 3: group_bf16<3, 0, 4, 1, VBMI>(job, g, i, tile); break;
-    case 2: group_bf16<2, 0, 4, 1, VBMI>(job, g, i, tile); break;
-    case 1: group_bf16<1, 0, 4, 1, VBMI>(job, g, i, tile); break;
+    case 3: group_bf16<3, 0, 4, VBMI>(job, g, i, tile); break;
+    case 2: group_bf16<2, 0, 4, VBMI>(job, g, i, tile); break;
+    case 1: group_bf16<1, 0, 4, VBMI>(job, g, i, tile); break;
     default: break;
   }
 }
@@ -362,8 +358,8 @@ void tiled_tasks(void* ctx, int64_t t0, int64_t t1) {
     } else {
 #if defined(KBIT_TILED_X86)
       if (job.path == kAvx512Bf16) {
-        if (job.vbmi) rows_bf16<true>(job, g, G, i0, rows, tile);
-        else rows_bf16<false>(job, g, G, i0, rows, tile);
+        if (job.vbmi) rows_bf16<true>(job, g, i0, rows, tile);
+        else rows_bf16<false>(job, g, i0, rows, tile);
       } else if (job.path == kAvx512) {
         rows_avx512(job, g, G, i0, rows, tile);
       } else if (job.path == kAvx2) {
