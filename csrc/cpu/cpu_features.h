@@ -10,6 +10,8 @@
 
 #include <stdlib.h>
 #include <string.h>
+
+#include "kbit.h"
 #if defined(__x86_64__) || defined(__i386__)
 #include <cpuid.h>
 #endif
@@ -110,6 +112,21 @@ inline bool avx512_vbmi_usable() {
   return simd_level() >= kSimdAvx512 && (avx512_features() & 8u) != 0 && vbmi_allowed();
 }
 #endif
+
+/* The kernel family of the 4-bit matmuls (matmul_cpu.cpp, tiled_cpu.cpp) for dtype: AVX-512-BF16 for
+ * bfloat16 where usable, else AVX-512, AVX2 + FMA, or the portable loops. */
+enum MatmulPath { kPortable = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
+
+inline int matmul_path(int dtype) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  unsigned level = simd_level();
+  if (level >= kSimdAvx512) return dtype == KBIT_DTYPE_BF16 && avx512_bf16_usable() ? kAvx512Bf16 : kAvx512;
+  if (level >= kSimdAvx2) return kAvx2;
+#else
+  (void)dtype;
+#endif
+  return kPortable;
+}
 
 }  // namespace cpu
 }  // namespace kbit

@@ -53,7 +53,10 @@ const int64_t kDirectRows = 4; /* up to this many rows of A, the AVX-512 path de
  * one row of 4096 float32 values is walked whole, weight row by weight row, for the prefetchers. */
 const int64_t kDirectBytes = 16384;
 
-enum Path { kPortable = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
+using cpu::kAvx2;
+using cpu::kAvx512;
+using cpu::kAvx512Bf16;
+using cpu::kPortable;
 
 struct MatmulJob {
   int dtype;
@@ -539,21 +542,6 @@ void matmul_tiles(void* ctx, int64_t t0, int64_t t1) {
   }
 }
 
-/* The kernel for dtype (the direct kernels for a few rows are chosen by the caller). */
-int choose_path(int dtype) {
-#if defined(KBIT_MATMUL_X86)
-  unsigned level = cpu::simd_level();
-  if (level >= cpu::kSimdAvx512) {
-    if (dtype == KBIT_DTYPE_BF16 && cpu::avx512_bf16_usable()) return kAvx512Bf16;
-    return kAvx512;
-  }
-  if (level >= cpu::kSimdAvx2) return kAvx2;
-#else
-  (void)dtype;
-#endif
-  return kPortable;
-}
-
 /* kbit_last_path()'s name of a kernel (kbit.h). */
 const char* path_name(int path, bool direct) {
   switch (path) {
@@ -577,7 +565,7 @@ extern "C" KBIT_API int kbit_matmul_4bit(int dtype, int quant_type, const void* 
   if (status != KBIT_OK || m_rows == 0 || n_out == 0) return status;
   MatmulJob job;
   job.dtype = dtype;
-  job.path = choose_path(dtype);
+  job.path = cpu::matmul_path(dtype);
   job.packed = packed;
   job.absmax = absmax;
   job.bias = bias;

@@ -50,7 +50,10 @@ const int64_t kSub = 16;                  /* columns per vector (a sub-tile) */
 const int64_t kRowChunk = 16;             /* rows of A per task, at most */
 const int64_t kPrefetchBytes = 4096; /* the next lines of a group prefetched this far ahead (measured best of 0-16 KB) */
 
-enum Path { kPortable = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
+using cpu::kAvx2;
+using cpu::kAvx512;
+using cpu::kAvx512Bf16;
+using cpu::kPortable;
 
 struct TiledJob {
   int dtype;
@@ -374,16 +377,6 @@ void tiled_tasks(void* ctx, int64_t t0, int64_t t1) {
   }
 }
 
-int choose_path(int dtype) {
-#if defined(KBIT_TILED_X86)
-  unsigned level = cpu::simd_level();
-  if (level >= cpu::kSimdAvx512) return dtype == KBIT_DTYPE_BF16 && cpu::avx512_bf16_usable() ? kAvx512Bf16 : kAvx512;
-  if (level >= cpu::kSimdAvx2) return kAvx2;
-#else
-  (void)dtype;
-#endif
-  return kPortable;
-}
 
 const char* path_name(int path, bool vbmi) {
   switch (path) {
@@ -441,7 +434,7 @@ extern "C" KBIT_API int kbit_matmul_4bit_tiled(int dtype, int quant_type, const 
   if (status != KBIT_OK || m_rows == 0 || n_out == 0) return status;
   TiledJob job;
   job.dtype = dtype;
-  job.path = choose_path(dtype);
+  job.path = cpu::matmul_path(dtype);
 #if defined(KBIT_TILED_X86)
   job.vbmi = job.path == kAvx512Bf16 && cpu::avx512_vbmi_usable();
 #else
