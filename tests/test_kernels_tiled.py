@@ -242,3 +242,26 @@ def test_the_ops_check_before_native_code() -> None:
         matmul(A.to("meta"), tiled.to("meta"), scales.to("meta"), 10, 64, 32)
     with pytest.raises(ValueError, match="the tiled layout needs k_in"):
         matmul(torch.zeros(3, 96), tiled, scales, 10, 96, 64)
+
+
+def test_the_layers_own_path_gives_the_same_bytes_and_checks_the_callers_tensors() -> None:
+    """Linear4bit's call (kbit._ops.matmul_4bit_tiled_own: no dispatcher, its own copy trusted) gives the
+    op's bytes, and a bad A or bias still fails with the op's error before native code."""
+    from kbit import _ops
+
+    _, _, tiled, scales, _ = weight(10, 64, 32, "nf4")
+    A, bias = torch.randn(3, 64), torch.randn(10)
+    args = (tiled, scales, bias, 10, 64, 32, "nf4")
+    assert torch.equal(_ops.matmul_4bit_tiled_own(A, *args), matmul(A, tiled, scales, 10, 64, 32, "nf4", bias))
+    with pytest.raises(TypeError, match="A must be"):
+        _ops.matmul_4bit_tiled_own(A.double(), *args)
+    with pytest.raises(ValueError, match="A is not contiguous"):
+        _ops.matmul_4bit_tiled_own(torch.randn(64, 3).t(), *args)
+    with pytest.raises(ValueError, match=r"A must have shape \(\.\.\., 64\)"):
+        _ops.matmul_4bit_tiled_own(torch.randn(3, 65), *args)
+    with pytest.raises(ValueError, match="the tiled 4-bit layout is the CPU's: A is on meta"):
+        _ops.matmul_4bit_tiled_own(A.to("meta"), *args)
+    with pytest.raises(ValueError, match="bias must hold 10 elements"):
+        _ops.matmul_4bit_tiled_own(A, tiled, scales, torch.randn(9), 10, 64, 32, "nf4")
+    with pytest.raises(TypeError, match=r"bias must be torch\.float32"):
+        _ops.matmul_4bit_tiled_own(A, tiled, scales, bias.half(), 10, 64, 32, "nf4")

@@ -23,6 +23,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
+from . import _ops
 from . import functional as F
 from ._errors import KbitLoadError, KbitWarning
 
@@ -214,9 +215,9 @@ class Linear4bit(nn.Module):
         tiled = self._cpu_tiled(state, inp, bias) if compute in F._DTYPES and inp.device.type == "cpu" else None
         if tiled is not None:  # no gradient wanted: the tiled copy of the weight
             n_out, k_in = state.shape
-            out = torch.ops.kbit.matmul_4bit_tiled(inp.contiguous(), tiled[0], tiled[1],
-                                                   None if bias is None else bias.contiguous(), n_out, k_in,
-                                                   state.blocksize, state.quant_type)
+            out = _ops.matmul_4bit_tiled_own(inp.contiguous(), tiled[0], tiled[1],
+                                             None if bias is None else bias.contiguous(), n_out, k_in,
+                                             state.blocksize, state.quant_type)
         elif compute in F._DTYPES and inp.device.type == "cpu":  # the fused kernel, any rows; differentiable
             out = F._matmul_4bit_absmax(inp.contiguous(), self.weight, state, self._float_absmax(state),
                                         None if bias is None else bias.contiguous())
@@ -236,12 +237,13 @@ class Linear4bit(nn.Module):
             return None
         if torch.is_grad_enabled() and (inp.requires_grad or (bias is not None and bias.requires_grad)):
             return None
-        key = (state, self.weight.data_ptr(), self.weight._version)
+        weight = self._parameters["weight"]
+        key = (state, weight.data_ptr(), weight._version)
         cached = self.__dict__.get("_tiled_cache")
-        if cached is None or cached[0][0] is not state or cached[0][1:] != key[1:]:
+        if cached is None or cached[0][0] is not state or cached[0][1] != key[1] or cached[0][2] != key[2]:
             n_out, k_in = state.shape
             self.__dict__["_tiled_cache"] = None  # the old copy goes before the new one is built
-            tiled = torch.ops.kbit.repack_4bit_tiled(self.weight.detach(), self._float_absmax(state), n_out, k_in,
+            tiled = torch.ops.kbit.repack_4bit_tiled(weight.detach(), self._float_absmax(state), n_out, k_in,
                                                      state.blocksize)
             cached = (key, tiled)
             self.__dict__["_tiled_cache"] = cached
