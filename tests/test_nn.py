@@ -270,3 +270,16 @@ def test_no_grad_cpu_forward_runs_the_tiled_copy(monkeypatch) -> None:
     with torch.no_grad():
         odd(x[:, :1].expand(3, 160).contiguous())
     assert lib.last_path().startswith("kbit_matmul_4bit:")
+
+
+def test_a_layer_made_under_inference_mode_runs_the_tiled_copy() -> None:
+    """Tensors made under torch.inference_mode have no version counter: the layer still runs (and keeps)
+    its tiled copy, inside inference mode and out of it."""
+    with torch.inference_mode():
+        q = knn.Linear4bit.from_linear(_linear(128, 64))
+        x = _x(2, 128)
+        y = q(x)
+        assert q.__dict__["_tiled_cache"] is not None and torch.equal(q(x), y)
+    assert_linear_close(y, x, q.dequantized_weight(), q.bias)
+    with torch.no_grad():
+        assert torch.equal(q(x), y)

@@ -238,7 +238,9 @@ class Linear4bit(nn.Module):
         if torch.is_grad_enabled() and (inp.requires_grad or (bias is not None and bias.requires_grad)):
             return None
         weight = self._parameters["weight"]
-        key = (state, weight.data_ptr(), weight._version)
+        # An inference tensor (made under torch.inference_mode) has no version counter: only its address
+        # and state are compared, as after a write through .data (drop_cpu_layout).
+        key = (state, weight.data_ptr(), -1 if weight.is_inference() else weight._version)
         cached = self.__dict__.get("_tiled_cache")
         if cached is None or cached[0][0] is not state or cached[0][1] != key[1] or cached[0][2] != key[2]:
             n_out, k_in = state.shape
@@ -252,7 +254,8 @@ class Linear4bit(nn.Module):
     def drop_cpu_layout(self) -> None:
         """Forget the tiled copy of the weight (the next no-grad CPU forward makes a new one). Needed only
         after writing the packed weight through `weight.data`, which torch's version counter does not
-        see; loads, moves and in-place writes to `weight` itself are noticed."""
+        see, or in place into a weight made under torch.inference_mode (which has no version counter);
+        loads, moves and other in-place writes to `weight` are noticed."""
         self.__dict__.pop("_tiled_cache", None)
 
     def _float_absmax(self, state: F.QuantState4bit) -> torch.Tensor:
