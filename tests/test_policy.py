@@ -513,7 +513,7 @@ def test_min_driver_table_rises_with_cuda() -> None:
 
 GOOD_CPU_SETTINGS = [
     {}, {"KBIT_NUM_THREADS": "1"}, {"KBIT_NUM_THREADS": "256"}, {"KBIT_NUM_THREADS": " 8 "}, {"KBIT_NUM_THREADS": ""},
-    {"KBIT_CPU_SIMD": "0"}, {"KBIT_CPU_SIMD": "avx2"}, {"KBIT_CPU_SIMD": "1"}, {"KBIT_CPU_SIMD": ""},
+    {"KBIT_CPU_SIMD": "0"}, {"KBIT_CPU_SIMD": "avx2"}, {"KBIT_CPU_SIMD": "avx512"}, {"KBIT_CPU_SIMD": "1"}, {"KBIT_CPU_SIMD": ""},
     {"KBIT_BACKEND": "cuda", "KBIT_CUDA_VERSION": "12.4"},
 ]
 
