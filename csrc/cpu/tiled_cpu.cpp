@@ -63,7 +63,7 @@ struct TiledJob {
   const float* scales;
   const void* bias;
   void* out;
-  int64_t m, n, k, groups, blocks, pairs_per_block, row_chunks, per_task, pf;
+  int64_t m, n, k, groups, blocks, pairs_per_block, row_chunks, per_task;
   bool vbmi; /* kAvx512Bf16 with AVX-512-VBMI: vpmultishiftqb picks the nibbles */
   float codebook[KBIT_CODEBOOK4_SIZE];
   uint16_t table_bf16[32]; /* bfloat16(codebook[i & 15]) */
@@ -82,9 +82,12 @@ inline int64_t lane_column(int64_t v, int64_t i) { return 4 * i + v; }
 
 /* The task's float32 sums: tile[(h * kRowChunk + i % kRowChunk) * kGroup + c] for row i of A and
  * column c of the task's group h, in column order; finish() adds the bias and rounds them to the dtype. */
-inline void put_vector(float* tile, int64_t i, int64_t h, int64_t v, const float* sums) {
+inline void put_lanes(float* tile, int64_t i, int64_t h, int64_t v, const float* sums, int64_t first, int64_t count) {
   float* row = tile + (h * kRowChunk + i % kRowChunk) * kGroup;
-  for (int64_t lane = 0; lane < kSub; ++lane) row[lane_column(v, lane)] = sums[lane];
+  for (int64_t lane = first; lane < first + count; ++lane) row[lane_column(v, lane)] = sums[lane];
+}
+inline void put_vector(float* tile, int64_t i, int64_t h, int64_t v, const float* sums) {
+  put_lanes(tile, i, h, v, sums, 0, kSub);
 }
 
 /* Rows [i0, i0 + rows) of group g, plain loops in the vector paths' order (lane by lane). */
@@ -115,7 +118,6 @@ void group_portable(const TiledJob& job, int64_t g, int h, int64_t i0, int64_t r
 #define KBIT_AVX2 __attribute__((target("avx2,fma")))
 #define KBIT_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma")))
 #define KBIT_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")))
-#define KBIT_AVX512BF16_VBMI __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx512vbmi,avx2,fma")))
 
 inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
 
@@ -140,7 +142,7 @@ KBIT_AVX512 void group_avx512(const TiledJob& job, int64_t g, int64_t i0, float*
       for (int r = 0; r < R; ++r) a0[r] = _mm512_set1_ps(A[r * job.k + 2 * p]), a1[r] = _mm512_set1_ps(A[r * job.k + 2 * p + 1]);
       for (int h = 0; h < G; ++h) {
         const uint8_t* q = pair_bytes(job, g + h, p);
-        if (job.pf) prefetch(q + job.pf);
+        prefetch(q + kPrefetchBytes);
         const __m512i d = _mm512_loadu_si512(q);
         for (int v = 0; v < 4; ++v) {
           __m512i e = v == 0 ? d : _mm512_srli_epi32(d, 8 * v);
@@ -171,17 +173,23 @@ KBIT_AVX512BF16 inline __m512i bf16_indices(__m512i d, int v) {
   return _mm512_mask_blend_epi16(0xAAAAAAAAu, e, _mm512_slli_epi32(e, 12));
 }
 
-KBIT_AVX512BF16_VBMI inline __m512i bf16_indices_vbmi(__m512i d, int v) {
+/* vpmultishiftqb written as assembly: the kernels are compiled for AVX-512-BF16 without VBMI, so that
+ * the compiler cannot put a VBMI instruction into the path of a CPU without it (a Cooper Lake); this
+ * one instruction runs only where avx512_vbmi_usable() said so. */
+KBIT_AVX512BF16 inline __m512i bf16_indices_vbmi(__m512i d, int v) {
   /* qword = 8 columns; output dwords (column 4h + v of the qword, h = 0, 1): bit offsets of its nibbles. */
   const __m512i ctrl = _mm512_set1_epi64((long long)((uint64_t)(8 * v) | (uint64_t)(8 * v + 4) << 16 |
                                                      (uint64_t)(32 + 8 * v) << 32 | (uint64_t)(36 + 8 * v) << 48));
-  return _mm512_multishift_epi64_epi8(ctrl, d);
+  __m512i out;
+  __asm__("vpmultishiftqb %2, %1, %0" : "=v"(out) : "v"(ctrl), "v"(d)); /* AT&T: data, control, dest */
+  return out;
 }
 
-/* R rows from i0, vectors [V0, V0 + VN) of group g, bfloat16: part sums a block, acc the blocks. A pass after the first (V0 > 0) reads the group's lines from cache and prefetches the
- * next group's instead, so the memory stays busy. */
+/* R rows from i0, vectors [V0, V0 + VN) of group g, bfloat16: part sums a block, acc the blocks. A
+ * pass after the first (V0 > 0) reads the group's lines from cache and prefetches the next group's
+ * instead, so the memory stays busy. */
 template <int R, int V0, int VN, bool VBMI>
-KBIT_AVX512BF16_VBMI void group_bf16(const TiledJob& job, int64_t g, int64_t i0, float* tile) {
+KBIT_AVX512BF16 void group_bf16(const TiledJob& job, int64_t g, int64_t i0, float* tile) {
   const __m512i table = _mm512_loadu_si512(job.table_bf16);
   const uint16_t* A = static_cast<const uint16_t*>(job.A) + i0 * job.k;
   const int passes = 4 / VN, pass = V0 / VN;
@@ -202,7 +210,7 @@ KBIT_AVX512BF16_VBMI void group_bf16(const TiledJob& job, int64_t g, int64_t i0,
       }
       if (next && p % (passes - 1) == pass - 1) prefetch(pair_bytes(job, g + 1, p));
       const uint8_t* q = pair_bytes(job, g, p);
-      if (pass == 0 && job.pf) prefetch(q + job.pf);
+      if (pass == 0) prefetch(q + kPrefetchBytes);
       const __m512i d = _mm512_loadu_si512(q);
       for (int v = 0; v < VN; ++v) {
         __m512i idx = VBMI ? bf16_indices_vbmi(d, V0 + v) : bf16_indices(d, V0 + v);
@@ -235,7 +243,7 @@ KBIT_AVX2 void group_avx2(const TiledJob& job, int64_t g, int hg, int64_t i0, in
     const float* s = block_scales(job, g, b) + 8 * H;
     for (int64_t p = b * job.pairs_per_block; p < (b + 1) * job.pairs_per_block; ++p) {
       const uint8_t* q = pair_bytes(job, g, p) + 32 * H;
-      if (job.pf) prefetch(q + job.pf);
+      prefetch(q + kPrefetchBytes);
       const __m256i d = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
       for (int v = 0; v < 4; ++v) {
         __m256i e = _mm256_srli_epi32(d, 8 * v);
@@ -252,10 +260,8 @@ KBIT_AVX2 void group_avx2(const TiledJob& job, int64_t g, int hg, int64_t i0, in
   alignas(32) float sums[kSub];
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < 4; ++v) {
-      /* lanes 8H..8H+7 only: the other half is the other pass's */
-      _mm256_store_ps(sums + 8 * H, acc[r][v]);
-      float* row = tile + (hg * kRowChunk + (i0 + r) % kRowChunk) * kGroup;
-      for (int lane = 8 * H; lane < 8 * H + 8; ++lane) row[lane_column(v, lane)] = sums[lane];
+      _mm256_store_ps(sums + 8 * H, acc[r][v]); /* lanes 8H..8H+7: the other half is the other pass's */
+      put_lanes(tile, i0 + r, hg, v, sums, 8 * H, 8);
     }
 }
 
@@ -272,7 +278,7 @@ KBIT_AVX512 void rows_avx512(const TiledJob& job, int64_t g, int G, int64_t i0, 
 }
 
 template <bool VBMI>
-KBIT_AVX512BF16_VBMI void rows_bf16(const TiledJob& job, int64_t g, int64_t i0, int64_t rows, float* tile) {
+KBIT_AVX512BF16 void rows_bf16(const TiledJob& job, int64_t g, int64_t i0, int64_t rows, float* tile) {
   int64_t i = i0, end = i0 + rows;
   /* 8 rows x 2 vectors a pass (measured best of 1, 2 and 4 vectors; 16 rows spill), then 4 rows x 4 */
   for (; end - i >= 8; i += 8) {
@@ -452,7 +458,6 @@ extern "C" KBIT_API int kbit_matmul_4bit_tiled(int dtype, int quant_type, const 
   job.groups = (n_out + kGroup - 1) / kGroup;
   job.row_chunks = (m_rows + kRowChunk - 1) / kRowChunk;
   job.per_task = m_rows == 1 && job.path == kAvx512 ? 2 : 1; /* float32 one row: two groups at once */
-  job.pf = kPrefetchBytes;
   for (int c = 0; c < KBIT_CODEBOOK4_SIZE; ++c) job.codebook[c] = kbit_code4_value(quant_type, c);
   for (int c = 0; c < 32; ++c) job.table_bf16[c] = kbit_f32_to_bf16(job.codebook[c & 15]);
   cpu::record_path(path_name(job.path, job.vbmi));

@@ -212,15 +212,16 @@ class Linear4bit(nn.Module):
         compute = self.compute_dtype or x.dtype
         inp = x.to(compute)
         bias = None if self.bias is None else self.bias.to(compute)
-        tiled = self._cpu_tiled(state, inp, bias) if compute in F._DTYPES and inp.device.type == "cpu" else None
-        if tiled is not None:  # no gradient wanted: the tiled copy of the weight
-            n_out, k_in = state.shape
-            out = _ops.matmul_4bit_tiled_own(inp.contiguous(), tiled[0], tiled[1],
-                                             None if bias is None else bias.contiguous(), n_out, k_in,
-                                             state.blocksize, state.quant_type)
-        elif compute in F._DTYPES and inp.device.type == "cpu":  # the fused kernel, any rows; differentiable
-            out = F._matmul_4bit_absmax(inp.contiguous(), self.weight, state, self._float_absmax(state),
-                                        None if bias is None else bias.contiguous())
+        if compute in F._DTYPES and inp.device.type == "cpu":  # a fused kernel, any rows
+            tiled = self._cpu_tiled(state, inp, bias)
+            if tiled is not None:  # no gradient wanted: the tiled copy of the weight
+                n_out, k_in = state.shape
+                out = _ops.matmul_4bit_tiled_own(inp.contiguous(), tiled[0], tiled[1],
+                                                 None if bias is None else bias.contiguous(), n_out, k_in,
+                                                 state.blocksize, state.quant_type)
+            else:  # the packed layout's, differentiable
+                out = F._matmul_4bit_absmax(inp.contiguous(), self.weight, state, self._float_absmax(state),
+                                            None if bias is None else bias.contiguous())
         elif x.numel() == self.in_features and compute in F._DTYPES:
             out = F.gemv_4bit(inp.contiguous(), self.weight, state, None if bias is None else bias.contiguous())
         else:
